@@ -1,0 +1,106 @@
+//! Argument groups shared by several subcommands (flattened into each).
+
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+
+use crate::engine::EngineConfig;
+use crate::model::{Truncation, DEFAULT_MODEL_ID};
+
+/// Which model to load and how to run it.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// Local directory in Hugging Face layout (config.json, tokenizer.json, model.safetensors or a
+    /// sharded index), or a Hub repo id fetched through hf-hub (honours HF_TOKEN, HF_HOME,
+    /// HF_ENDPOINT, HF_HUB_OFFLINE).
+    #[arg(long, env = "RERANK_MODEL", default_value = DEFAULT_MODEL_ID)]
+    pub model: String,
+    /// Hub revision (branch, tag or commit) when --model is a repo id.
+    #[arg(long, env = "RERANK_MODEL_REVISION", default_value = "main")]
+    pub revision: String,
+    /// Longest (query, document) sequence in tokens, BOS included; longer pairs are truncated or
+    /// refused (--truncate). The model supports up to 8192; cost grows with it.
+    #[arg(long, env = "RERANK_MAX_LENGTH", default_value_t = 512)]
+    pub max_length: usize,
+    /// Compute dtype: f32 (exact; CPU default), bf16 (GPU default), f16.
+    #[arg(long, env = "RERANK_DTYPE")]
+    pub dtype: Option<String>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, env = "RERANK_DEVICE", default_value = default_device())]
+    pub device: String,
+    /// Build the full-size 1B architecture with random weights instead of loading --model
+    /// (benchmarks only; scores are meaningless). Needs --tokenizer.
+    #[arg(long)]
+    pub random_weights: bool,
+    /// tokenizer.json to use instead of the model's own (required with --random-weights).
+    #[arg(long, env = "RERANK_TOKENIZER")]
+    pub tokenizer: Option<PathBuf>,
+}
+
+fn default_device() -> &'static str {
+    if cfg!(feature = "cuda") {
+        "cuda"
+    } else {
+        "cpu"
+    }
+}
+
+/// Batching limits of a worker.
+#[derive(Debug, Clone, Args)]
+pub struct EngineArgs {
+    /// **Important**: tokens per device batch. Larger batches use the GPU better but take more
+    /// memory and add latency; the warm-up runs one full batch so an out-of-memory shows at boot.
+    #[arg(long, env = "RERANK_MAX_BATCH_TOKENS", default_value_t = 16_384)]
+    pub max_batch_tokens: usize,
+    /// Pairs allowed to wait for the device; past it requests get `overloaded` at once so the
+    /// caller can try another worker instead of timing out.
+    #[arg(long, env = "RERANK_MAX_QUEUE_PAIRS", default_value_t = 4_096)]
+    pub max_queue_pairs: usize,
+    /// Documents allowed in one request (`too_many_documents` beyond).
+    #[arg(long, env = "RERANK_MAX_DOCUMENTS", default_value_t = 1_000)]
+    pub max_documents: usize,
+    /// Tokens of the warm-up forward pass before reporting ready (default: one full batch on a
+    /// GPU, 512 on the CPU).
+    #[arg(long, env = "RERANK_WARMUP_TOKENS")]
+    pub warmup_tokens: Option<usize>,
+}
+
+impl EngineArgs {
+    pub fn to_config(&self, on_gpu: bool) -> anyhow::Result<EngineConfig> {
+        anyhow::ensure!(self.max_batch_tokens > 0, "--max-batch-tokens must be positive");
+        anyhow::ensure!(
+            self.max_documents <= self.max_queue_pairs,
+            "--max-documents ({}) must not exceed --max-queue-pairs ({}), or the largest requests could never be admitted",
+            self.max_documents,
+            self.max_queue_pairs
+        );
+        Ok(EngineConfig {
+            max_batch_tokens: self.max_batch_tokens,
+            max_queue_pairs: self.max_queue_pairs,
+            max_documents: self.max_documents,
+            warmup_tokens: self.warmup_tokens.unwrap_or(if on_gpu {
+                self.max_batch_tokens
+            } else {
+                512
+            }),
+        })
+    }
+}
+
+/// `--truncate END|NONE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+#[value(rename_all = "UPPER")]
+pub enum TruncateArg {
+    #[default]
+    End,
+    None,
+}
+
+impl From<TruncateArg> for Truncation {
+    fn from(t: TruncateArg) -> Self {
+        match t {
+            TruncateArg::End => Truncation::End,
+            TruncateArg::None => Truncation::None,
+        }
+    }
+}

@@ -1,0 +1,25 @@
+//! Why the engine could not score a request.
+
+use crate::model::TooLong;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    #[error("{count} documents exceed the limit of {max} per request")]
+    TooManyDocuments { count: usize, max: usize },
+    #[error(transparent)]
+    DocumentTooLong(#[from] TooLong),
+    #[error("the queue holds {queued} of {capacity} pairs; {requested} more do not fit, retry later")]
+    Overloaded {
+        queued: usize,
+        requested: usize,
+        capacity: usize,
+    },
+    #[error("the caller's deadline passed before the request was scored")]
+    DeadlineExceeded,
+    #[error("tokenization failed: {0}")]
+    Tokenizer(String),
+    #[error("model failure: {0}")]
+    Model(String),
+    #[error("the engine is shutting down")]
+    ShuttingDown,
+}

@@ -1,0 +1,317 @@
+//! The batcher: admits requests, queues their pairs, packs batches and feeds the device thread.
+//!
+//! Transport-neutral (no NATS, HTTP or wire types): the worker, `rerank score` and `rerank bench`
+//! all go through [`Engine::score`]. Only the [`executor`] thread touches the device.
+//!
+//! ```text
+//! score() ── tokenize (blocking pool, query once) ── PairQueue::try_push ──► batching task
+//!    ▲                                                   (Overloaded if full)     │ next_batch (token budget)
+//!    └──── oneshot ◄── PendingRequest::complete_pair ◄── executor thread ◄── mpsc(1)
+//! ```
+
+mod error;
+mod executor;
+mod metrics;
+mod queue;
+mod request;
+
+pub use error::EngineError;
+pub use executor::mini_batches;
+pub use metrics::EngineMetrics;
+pub use queue::{Batch, PairQueue, QueueFull, QueuedPair};
+pub use request::PendingRequest;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch, Notify};
+
+use crate::model::{CrossEncoder, EncodePairsError, PairTokenizer, Truncation};
+use executor::Executor;
+
+/// Batching limits.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Token budget of one device batch: real tokens per batch, and padded tokens
+    /// (rows × longest) per forward pass.
+    pub max_batch_tokens: usize,
+    /// Pairs allowed to wait; beyond it requests are refused with `Overloaded`.
+    pub max_queue_pairs: usize,
+    /// Documents allowed in one request.
+    pub max_documents: usize,
+    /// Tokens of the warm-up forward pass run before `Ready` (TEI warms up with a full batch so an
+    /// out-of-memory shows at boot, not under load). 0 skips it.
+    pub warmup_tokens: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_tokens: 16_384,
+            max_queue_pairs: 4_096,
+            max_documents: 1_000,
+            warmup_tokens: 512,
+        }
+    }
+}
+
+/// Lifecycle, published on a watch channel for readiness probes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineState {
+    WarmingUp,
+    Ready,
+    Draining,
+    Stopped,
+}
+
+/// One request for the engine.
+#[derive(Debug, Clone, Default)]
+pub struct ScoreRequest {
+    pub query: String,
+    pub documents: Vec<String>,
+    pub truncation: Truncation,
+    /// After this instant the caller no longer wants the answer.
+    pub deadline: Option<Instant>,
+}
+
+/// Where a request's time went.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timings {
+    pub tokenize: Duration,
+    /// From admission until the first pair reached the device.
+    pub queue: Duration,
+    /// From the first pair on the device until the last score.
+    pub inference: Duration,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ScoreResponse {
+    /// Raw logits in document order.
+    pub scores: Vec<f32>,
+    /// Tokens the model read for this request (after truncation).
+    pub tokens: usize,
+    pub timings: Timings,
+}
+
+/// Cheap cloneable handle to the batcher and its device thread.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    tokenizer: Arc<PairTokenizer>,
+    config: EngineConfig,
+    queue: Mutex<PairQueue>,
+    work_available: Notify,
+    closing: AtomicBool,
+    state: watch::Sender<EngineState>,
+    metrics: EngineMetrics,
+    threads: Mutex<Option<(std::thread::JoinHandle<()>, tokio::task::JoinHandle<()>)>>,
+}
+
+impl Engine {
+    /// Starts the device thread, warms the model up and returns once the engine is `Ready`.
+    pub async fn start(
+        model: CrossEncoder,
+        tokenizer: PairTokenizer,
+        config: EngineConfig,
+        metrics: EngineMetrics,
+    ) -> Result<Self, EngineError> {
+        let (state, _) = watch::channel(EngineState::WarmingUp);
+        // Bound channel to 1: the batching task prepares the next batch while the device runs the
+        // current one, and no more (later arrivals can still join the batch after it).
+        let (batch_tx, batch_rx) = mpsc::channel::<Batch>(1);
+        let (warm_tx, warm_rx) = tokio::sync::oneshot::channel();
+        let executor = Executor {
+            model,
+            max_batch_tokens: config.max_batch_tokens,
+            metrics: metrics.clone(),
+        };
+        let warmup_tokens = config.warmup_tokens.min(config.max_batch_tokens);
+        let thread = std::thread::Builder::new()
+            .name("rerank-executor".into())
+            .spawn(move || {
+                let warm = executor.warm_up(warmup_tokens);
+                let ok = warm.is_ok();
+                let _ = warm_tx.send(warm);
+                if ok {
+                    executor.run(batch_rx);
+                }
+            })
+            .map_err(|e| EngineError::Model(format!("cannot start the executor thread: {e}")))?;
+        match warm_rx.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(EngineError::Model(format!("warm-up failed: {e}"))),
+            Err(_) => return Err(EngineError::Model("the executor thread died during warm-up".into())),
+        }
+        let inner = Arc::new(Inner {
+            tokenizer: Arc::new(tokenizer),
+            queue: Mutex::new(PairQueue::new(config.max_queue_pairs)),
+            config,
+            work_available: Notify::new(),
+            closing: AtomicBool::new(false),
+            state,
+            metrics,
+            threads: Mutex::new(None),
+        });
+        let batcher = tokio::spawn(batching_loop(Arc::clone(&inner), batch_tx));
+        *inner.threads.lock().unwrap_or_else(|e| e.into_inner()) = Some((thread, batcher));
+        inner.state.send_replace(EngineState::Ready);
+        Ok(Self { inner })
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
+    pub fn tokenizer(&self) -> &PairTokenizer {
+        &self.inner.tokenizer
+    }
+
+    pub fn state(&self) -> watch::Receiver<EngineState> {
+        self.inner.state.subscribe()
+    }
+
+    /// Pairs currently waiting for the device.
+    pub fn queued_pairs(&self) -> usize {
+        self.inner.lock_queue().queued_pairs()
+    }
+
+    /// Scores every document of `request` against its query.
+    pub async fn score(&self, request: ScoreRequest) -> Result<ScoreResponse, EngineError> {
+        let inner = &self.inner;
+        let count = request.documents.len();
+        if count > inner.config.max_documents {
+            return Err(EngineError::TooManyDocuments {
+                count,
+                max: inner.config.max_documents,
+            });
+        }
+        if count == 0 {
+            return Ok(ScoreResponse::default());
+        }
+        if inner.closing.load(Ordering::Acquire) {
+            return Err(EngineError::ShuttingDown);
+        }
+        if request.deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(EngineError::DeadlineExceeded);
+        }
+
+        // 1. Tokenize off the async threads; the query half once for all documents.
+        let started = Instant::now();
+        let tokenizer = Arc::clone(&inner.tokenizer);
+        let truncation = request.truncation;
+        let sequences = tokio::task::spawn_blocking(move || {
+            let docs: Vec<&str> = request.documents.iter().map(String::as_str).collect();
+            tokenizer.encode_pairs(&request.query, &docs, truncation)
+        })
+        .await
+        .map_err(|e| EngineError::Tokenizer(e.to_string()))?
+        .map_err(|e| match e {
+            EncodePairsError::TooLong(t) => EngineError::DocumentTooLong(t),
+            EncodePairsError::Tokenizer(e) => EngineError::Tokenizer(e.to_string()),
+        })?;
+        let tokenize = started.elapsed();
+        inner.metrics.tokenize.observe(tokenize.as_secs_f64());
+        let tokens = sequences.iter().map(Vec::len).sum();
+
+        // 2. Admission: all pairs or none; a full queue refuses at once.
+        let admitted = Instant::now();
+        let (pending, reply) = PendingRequest::new(count, request.deadline, tracing::Span::current());
+        {
+            let mut queue = inner.lock_queue();
+            queue
+                .try_push(pending, sequences)
+                .map_err(|full| EngineError::Overloaded {
+                    queued: full.queued,
+                    requested: count,
+                    capacity: full.capacity,
+                })?;
+            inner.metrics.queue_pairs.set(queue.queued_pairs() as i64);
+        }
+        inner.work_available.notify_one();
+
+        // 3. Wait for the last pair.
+        let scored = reply.await.map_err(|_| EngineError::ShuttingDown)??;
+        let done = Instant::now();
+        let first = scored.first_scheduled.unwrap_or(done);
+        let queue = first.saturating_duration_since(admitted);
+        inner.metrics.queue_wait.observe(queue.as_secs_f64());
+        Ok(ScoreResponse {
+            scores: scored.scores,
+            tokens,
+            timings: Timings {
+                tokenize,
+                queue,
+                inference: done.saturating_duration_since(first),
+            },
+        })
+    }
+
+    /// Stops admitting, finishes everything queued, stops the device thread.
+    pub async fn shutdown(&self) {
+        let inner = &self.inner;
+        inner.closing.store(true, Ordering::Release);
+        inner.state.send_replace(EngineState::Draining);
+        inner.work_available.notify_one();
+        let threads = inner.threads.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some((thread, batcher)) = threads {
+            let _ = batcher.await;
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+        inner.state.send_replace(EngineState::Stopped);
+    }
+}
+
+impl Inner {
+    fn lock_queue(&self) -> std::sync::MutexGuard<'_, PairQueue> {
+        // The queue's invariants hold between method calls; a panic elsewhere cannot break them.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Forms batches under the token budget and hands them to the device thread.
+async fn batching_loop(inner: Arc<Inner>, batches: mpsc::Sender<Batch>) {
+    loop {
+        let batch = {
+            let mut queue = inner.lock_queue();
+            let batch = queue.next_batch(inner.config.max_batch_tokens, Instant::now());
+            inner.metrics.queue_pairs.set(queue.queued_pairs() as i64);
+            batch
+        };
+        match batch {
+            Some(batch) => {
+                if batches.send(batch).await.is_err() {
+                    tracing::error!("executor thread is gone; stopping the batcher");
+                    return;
+                }
+            }
+            None => {
+                if inner.closing.load(Ordering::Acquire) {
+                    return;
+                }
+                inner.work_available.notified().await;
+            }
+        }
+    }
+}
+
+impl Executor {
+    /// One forward pass of about `tokens` tokens, so kernels compile and buffers are allocated
+    /// before the engine reports ready.
+    fn warm_up(&self, tokens: usize) -> Result<(), String> {
+        if tokens == 0 {
+            return Ok(());
+        }
+        let row = tokens.min(self.model.max_positions()).max(1);
+        let rows = (tokens / row).max(1);
+        let sequence = vec![0u32; row];
+        let batch: Vec<&[u32]> = (0..rows).map(|_| sequence.as_slice()).collect();
+        self.model
+            .score_batch(&batch)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}

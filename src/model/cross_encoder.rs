@@ -1,0 +1,141 @@
+//! `LlamaBidirectionalForSequenceClassification`: backbone, masked mean pooling, score head, temperature.
+//!
+//! Model card: <https://huggingface.co/nvidia/llama-nemotron-rerank-1b-v2>. Reference: NVIDIA's
+//! `llama_bidirectional_model.py` on transformers 4.47.1 (see `shared/spec/model.md` §2):
+//! `logit = score(mean_{real tokens}(norm(h))) / temperature`, a raw logit (no sigmoid).
+//!
+//! Deliberate deviations from the bf16 reference: pooling, the head and the temperature division run
+//! in f32 whatever the compute dtype (the reference does them in bf16, which only adds rounding);
+//! rows are right-padded with positions `0..len` (the reference left-pads with `arange(T)`; RoPE
+//! depends only on relative offsets, so both agree up to rounding).
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Embedding, VarBuilder};
+
+use super::config::ModelConfig;
+use super::layers::{key_padding_mask, masked_mean, DecoderLayer, RmsNorm};
+use super::rope::{inverse_frequencies, RotaryTables};
+
+/// The reranker. Owns its weights on one device; `score_batch` is the only entry point.
+#[derive(Debug)]
+pub struct CrossEncoder {
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    /// `score.weight` (1, hidden), kept in f32.
+    score: Tensor,
+    temperature: f64,
+    rotary: RotaryTables,
+    pad_token_id: u32,
+    vocab_size: usize,
+    device: Device,
+}
+
+impl CrossEncoder {
+    /// Builds the model from `vb` (dtype and device come from the builder), with RoPE tables for
+    /// `max_positions` tokens.
+    pub fn load(
+        vb: VarBuilder,
+        cfg: &ModelConfig,
+        max_positions: usize,
+    ) -> candle_core::Result<Self> {
+        let scaling = cfg
+            .rope_scaling()
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let inner = vb.pp("model");
+        let embed_tokens =
+            candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, inner.pp("embed_tokens"))?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::load(inner.pp("layers").pp(i), cfg))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(inner.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
+        let score = vb
+            .pp("score")
+            .get_with_hints(
+                (1, cfg.hidden_size),
+                "weight",
+                candle_nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: 0.02,
+                },
+            )?
+            .to_dtype(DType::F32)?;
+        let inv_freqs = inverse_frequencies(cfg.head_dim(), cfg.rope_theta, scaling);
+        let rotary = RotaryTables::new(&inv_freqs, max_positions, vb.dtype(), vb.device())?;
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            score,
+            temperature: cfg.temperature,
+            rotary,
+            pad_token_id: cfg.pad_token_id(),
+            vocab_size: cfg.vocab_size,
+            device: vb.device().clone(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Longest sequence the RoPE tables cover.
+    pub fn max_positions(&self) -> usize {
+        self.rotary.max_positions()
+    }
+
+    /// Scores token sequences (each already `[BOS, ...]` and truncated). One padded forward pass;
+    /// returns one raw logit per sequence, in order.
+    pub fn score_batch(&self, sequences: &[&[u32]]) -> candle_core::Result<Vec<f32>> {
+        if sequences.is_empty() {
+            return Ok(Vec::new());
+        }
+        let lengths: Vec<usize> = sequences.iter().map(|s| s.len()).collect();
+        let seq_len = lengths.iter().copied().max().unwrap_or(0);
+        if seq_len == 0 || lengths.contains(&0) {
+            candle_core::bail!("every sequence needs at least one token (BOS)");
+        }
+        if seq_len > self.max_positions() {
+            candle_core::bail!(
+                "sequence of {seq_len} tokens exceeds the {} positions the model was loaded for",
+                self.max_positions()
+            );
+        }
+        // A tokenizer with more entries than the embedding (e.g. the Vision tokenizer's `<|image|>`)
+        // must not index past the table.
+        if let Some(bad) = sequences
+            .iter()
+            .flat_map(|s| s.iter())
+            .find(|&&id| id as usize >= self.vocab_size)
+        {
+            candle_core::bail!(
+                "token id {bad} is outside the model's vocabulary of {}",
+                self.vocab_size
+            );
+        }
+        let mut ids = Vec::with_capacity(sequences.len() * seq_len);
+        for seq in sequences {
+            ids.extend_from_slice(seq);
+            ids.extend(std::iter::repeat_n(self.pad_token_id, seq_len - seq.len()));
+        }
+        let input_ids = Tensor::from_vec(ids, (sequences.len(), seq_len), &self.device)?;
+        let logits = self.forward(&input_ids, &lengths)?;
+        logits.to_vec1::<f32>()
+    }
+
+    /// `input_ids`: (b, t) right-padded; `lengths`: real tokens per row. Returns f32 logits (b,).
+    pub fn forward(&self, input_ids: &Tensor, lengths: &[usize]) -> candle_core::Result<Tensor> {
+        let (_, seq_len) = input_ids.dims2()?;
+        let (cos, sin) = self.rotary.first(seq_len)?;
+        // Built once per batch and shared by every layer.
+        let key_mask = key_padding_mask(lengths, seq_len, &self.device)?;
+        let mut xs = self.embed_tokens.forward(input_ids)?;
+        for layer in &self.layers {
+            xs = layer.forward(&xs, &cos, &sin, &key_mask)?;
+        }
+        let hidden = self.norm.forward(&xs)?;
+        let pooled = masked_mean(&hidden, lengths)?;
+        let logits = pooled.matmul(&self.score.t()?)?.squeeze(1)?;
+        logits / self.temperature
+    }
+}

@@ -1,0 +1,349 @@
+//! Wire format v1: the MessagePack messages exchanged on `rerank.v1`.
+//!
+//! Serde types only, no I/O and no candle. Maps with named fields (`rmp_serde::to_vec_named`);
+//! decoding ignores unknown fields so optional fields can be added within v1 (see `schemas/README.md`).
+
+mod schema;
+
+pub use schema::{json_schemas, SchemaFile};
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Default request subject; the major version lives in the subject.
+pub const SUBJECT_V1: &str = "rerank.v1";
+/// Default queue group of the worker pool.
+pub const DEFAULT_QUEUE_GROUP: &str = "rerank-workers";
+/// NATS service name (`$SRV.*.rerank`) and its version.
+pub const SERVICE_NAME: &str = "rerank";
+/// ADR-32 error headers, set on every error reply next to the MessagePack error body.
+pub const HEADER_SERVICE_ERROR: &str = "Nats-Service-Error";
+pub const HEADER_SERVICE_ERROR_CODE: &str = "Nats-Service-Error-Code";
+/// Content type of every body on the subject.
+pub const CONTENT_TYPE: &str = "application/msgpack";
+
+/// How to treat a (query, document) pair longer than the worker's `max_length`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Truncate {
+    /// Cut the pair from the right (the document's tail goes first).
+    #[default]
+    End,
+    /// Refuse the request with `document_too_long`.
+    None,
+}
+
+/// A rerank request: score every document against the query.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+pub struct RerankRequest {
+    pub query: String,
+    pub documents: Vec<String>,
+    /// Return only the best `top_k` indices in `ranked_indices` (scores are always complete).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub truncate: Option<Truncate>,
+    /// Echoed in the reply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    /// Absolute deadline, Unix epoch milliseconds: after it the caller has given up, so the worker
+    /// replies `deadline_exceeded` instead of computing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
+}
+
+/// Token accounting of one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub struct Usage {
+    /// Pairs scored (= documents).
+    pub pairs: u64,
+    /// Tokens the model read, after truncation.
+    pub tokens: u64,
+}
+
+/// A successful reply.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+pub struct RerankReply {
+    /// Raw logits, one per document, in input order.
+    pub scores: Vec<f32>,
+    /// Document indices by descending score (ties by index), cut to `top_k` when given.
+    pub ranked_indices: Vec<u32>,
+    /// The model that produced the scores.
+    pub model: String,
+    pub usage: Usage,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+/// Machine-readable error codes, identical on the wire, in HTTP bodies, metric labels and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Undecodable body, wrong types, missing fields, invalid values.
+    InvalidRequest,
+    /// More documents than the worker's `max_documents`.
+    TooManyDocuments,
+    /// A pair exceeds `max_length` and truncate is NONE.
+    DocumentTooLong,
+    /// The request or its reply does not fit the size limits.
+    PayloadTooLarge,
+    /// The worker's queue is full; retry later (another worker may take it).
+    Overloaded,
+    /// The caller's deadline passed before the work was done.
+    DeadlineExceeded,
+    /// The model failed; details are in the worker's log.
+    ModelError,
+    /// No worker answered (no responders, or the pool is draining).
+    Unavailable,
+    /// A worker took the request but did not answer in time.
+    Timeout,
+    /// Missing or wrong credentials (HTTP only).
+    Unauthorized,
+    /// Unknown route (HTTP only).
+    NotFound,
+}
+
+impl ErrorCode {
+    /// Every code, for exhaustive tables and tests.
+    pub const ALL: [ErrorCode; 11] = [
+        ErrorCode::InvalidRequest,
+        ErrorCode::TooManyDocuments,
+        ErrorCode::DocumentTooLong,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::Overloaded,
+        ErrorCode::DeadlineExceeded,
+        ErrorCode::ModelError,
+        ErrorCode::Unavailable,
+        ErrorCode::Timeout,
+        ErrorCode::Unauthorized,
+        ErrorCode::NotFound,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::TooManyDocuments => "too_many_documents",
+            ErrorCode::DocumentTooLong => "document_too_long",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::Overloaded => "overloaded",
+            ErrorCode::DeadlineExceeded => "deadline_exceeded",
+            ErrorCode::ModelError => "model_error",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::NotFound => "not_found",
+        }
+    }
+
+    pub fn parse(code: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.as_str() == code)
+    }
+
+    /// HTTP-style status carried in `Nats-Service-Error-Code` (ADR-32 uses HTTP numbers).
+    pub fn status(self) -> u16 {
+        match self {
+            ErrorCode::InvalidRequest => 400,
+            ErrorCode::TooManyDocuments => 400,
+            ErrorCode::DocumentTooLong => 400,
+            ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::Overloaded => 429,
+            ErrorCode::DeadlineExceeded => 504,
+            ErrorCode::ModelError => 500,
+            ErrorCode::Unavailable => 503,
+            ErrorCode::Timeout => 504,
+            ErrorCode::Unauthorized => 401,
+            ErrorCode::NotFound => 404,
+        }
+    }
+
+    /// Whether a caller may safely send the same request again (to any worker).
+    pub fn is_retryable(self) -> bool {
+        match self {
+            ErrorCode::Overloaded | ErrorCode::Unavailable | ErrorCode::Timeout => true,
+            ErrorCode::InvalidRequest
+            | ErrorCode::TooManyDocuments
+            | ErrorCode::DocumentTooLong
+            | ErrorCode::PayloadTooLarge
+            | ErrorCode::DeadlineExceeded
+            | ErrorCode::ModelError
+            | ErrorCode::Unauthorized
+            | ErrorCode::NotFound => false,
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The body of an error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// An error reply: `{"error": {"code", "message"}}`, on NATS and over HTTP alike.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ErrorReply {
+    pub error: ErrorBody,
+}
+
+impl ErrorReply {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            error: ErrorBody {
+                code,
+                message: message.into(),
+            },
+        }
+    }
+}
+
+/// Why a body could not be decoded.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid MessagePack request: {0}")]
+pub struct DecodeError(String);
+
+/// Decodes a request body (MessagePack map with named fields; arrays in field order are accepted
+/// too, as rmp-serde does).
+pub fn decode_request(body: &[u8]) -> Result<RerankRequest, DecodeError> {
+    rmp_serde::from_slice(body).map_err(|e| DecodeError(e.to_string()))
+}
+
+/// Encodes any wire message as a MessagePack map with named fields.
+pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
+    // Serializing these plain structs into a Vec cannot fail (no maps with non-string keys,
+    // no I/O). This is a bug if it ever does.
+    #[allow(clippy::expect_used)]
+    rmp_serde::to_vec_named(message).expect("wire messages always serialize. This is a bug.")
+}
+
+/// A reply body: either a reply or an error.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReplyBody {
+    Ok(RerankReply),
+    Err(ErrorReply),
+}
+
+/// Decodes a reply body, which is a [`RerankReply`] or an [`ErrorReply`].
+pub fn decode_reply(body: &[u8]) -> Result<ReplyBody, DecodeError> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        Err(ErrorReply),
+        Ok(RerankReply),
+    }
+    match rmp_serde::from_slice::<Either>(body) {
+        Ok(Either::Ok(r)) => Ok(ReplyBody::Ok(r)),
+        Ok(Either::Err(e)) => Ok(ReplyBody::Err(e)),
+        Err(e) => Err(DecodeError(e.to_string())),
+    }
+}
+
+/// Indices by descending score, ties by ascending index; NaN sorts last. Cut to `top_k`.
+pub fn rank(scores: &[f32], top_k: Option<u64>) -> Vec<u32> {
+    let mut order: Vec<u32> = (0..scores.len() as u32).collect();
+    order.sort_by(|&a, &b| {
+        let (sa, sb) = (scores[a as usize], scores[b as usize]);
+        sb.partial_cmp(&sa)
+            .unwrap_or_else(|| sa.is_nan().cmp(&sb.is_nan()))
+            .then(a.cmp(&b))
+    });
+    if let Some(k) = top_k {
+        order.truncate(usize::try_from(k).unwrap_or(usize::MAX));
+    }
+    order
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_round_trips_and_ignores_unknown_fields() {
+        let req = RerankRequest {
+            query: "q".into(),
+            documents: vec!["a".into(), "b".into()],
+            top_k: Some(1),
+            truncate: Some(Truncate::None),
+            request_id: Some("r1".into()),
+            deadline_ms: None,
+        };
+        let bytes = encode(&req);
+        assert_eq!(decode_request(&bytes).unwrap(), req);
+
+        #[derive(Serialize)]
+        struct Extra<'a> {
+            query: &'a str,
+            documents: Vec<&'a str>,
+            future_field: u32,
+        }
+        let bytes = rmp_serde::to_vec_named(&Extra {
+            query: "q",
+            documents: vec!["x"],
+            future_field: 7,
+        })
+        .unwrap();
+        let decoded = decode_request(&bytes).unwrap();
+        assert_eq!(decoded.documents, vec!["x".to_string()]);
+        assert_eq!(decoded.top_k, None);
+    }
+
+    #[test]
+    fn wrong_types_are_decode_errors() {
+        #[derive(Serialize)]
+        struct Bad {
+            query: u32,
+            documents: Vec<u32>,
+        }
+        let bytes = rmp_serde::to_vec_named(&Bad {
+            query: 1,
+            documents: vec![1],
+        })
+        .unwrap();
+        assert!(decode_request(&bytes).is_err());
+        assert!(decode_request(b"\xc1garbage").is_err());
+        assert!(decode_request(&[]).is_err());
+    }
+
+    #[test]
+    fn replies_and_errors_are_told_apart() {
+        let ok = RerankReply {
+            scores: vec![1.0, 2.0],
+            ranked_indices: vec![1, 0],
+            model: "m".into(),
+            usage: Usage {
+                pairs: 2,
+                tokens: 10,
+            },
+            request_id: None,
+        };
+        assert_eq!(decode_reply(&encode(&ok)).unwrap(), ReplyBody::Ok(ok));
+        let err = ErrorReply::new(ErrorCode::Overloaded, "full");
+        assert_eq!(decode_reply(&encode(&err)).unwrap(), ReplyBody::Err(err));
+    }
+
+    #[test]
+    fn ranking_is_descending_with_index_ties() {
+        assert_eq!(rank(&[0.5, 2.0, 0.5, -1.0], None), vec![1, 0, 2, 3]);
+        assert_eq!(rank(&[0.5, 2.0, 0.5], Some(2)), vec![1, 0]);
+        assert_eq!(rank(&[f32::NAN, 1.0], None), vec![1, 0]);
+        assert_eq!(rank(&[1.0], Some(u64::MAX)), vec![0]);
+        assert!(rank(&[], Some(3)).is_empty());
+    }
+
+    #[test]
+    fn error_codes_round_trip_and_have_statuses() {
+        for code in ErrorCode::ALL {
+            assert_eq!(ErrorCode::parse(code.as_str()), Some(code));
+            let json = serde_json::to_string(&code).unwrap();
+            assert_eq!(json, format!("\"{}\"", code.as_str()));
+            assert!((400..600).contains(&code.status()));
+        }
+        assert!(ErrorCode::Overloaded.is_retryable());
+        assert!(!ErrorCode::InvalidRequest.is_retryable());
+    }
+}
