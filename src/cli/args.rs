@@ -104,3 +104,72 @@ impl From<TruncateArg> for Truncation {
         }
     }
 }
+
+/// NATS connection and authentication.
+#[derive(Clone, Args)]
+pub struct NatsArgs {
+    /// NATS server URL(s), comma-separated.
+    #[arg(long, env = "RERANK_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Request subject (the major wire version is part of it).
+    #[arg(long, env = "RERANK_SUBJECT", default_value = crate::wire::SUBJECT_V1)]
+    pub subject: String,
+    /// Token authentication.
+    #[arg(long, env = "RERANK_NATS_TOKEN", hide_env_values = true)]
+    pub nats_token: Option<String>,
+    /// User for user/password authentication.
+    #[arg(long, env = "RERANK_NATS_USER")]
+    pub nats_user: Option<String>,
+    /// Password for user/password authentication.
+    #[arg(long, env = "RERANK_NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<String>,
+    /// NKey seed (`SU...`) for NKey authentication.
+    #[arg(long, env = "RERANK_NATS_NKEY_SEED", hide_env_values = true)]
+    pub nats_nkey_seed: Option<String>,
+    /// `.creds` file (JWT + NKey seed) for decentralized authentication.
+    #[arg(long, env = "RERANK_NATS_CREDS_FILE")]
+    pub nats_creds_file: Option<PathBuf>,
+    /// CA certificate that signs the server's TLS certificate (enables TLS).
+    #[arg(long, env = "RERANK_NATS_TLS_CA")]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// Client certificate for mutual TLS.
+    #[arg(long, env = "RERANK_NATS_TLS_CERT")]
+    pub nats_tls_cert: Option<PathBuf>,
+    /// Client key for mutual TLS.
+    #[arg(long, env = "RERANK_NATS_TLS_KEY")]
+    pub nats_tls_key: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for NatsArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&self.to_config("rerank"), f)
+    }
+}
+
+impl NatsArgs {
+    pub fn to_config(&self, name: &str) -> crate::nats::NatsConfig {
+        crate::nats::NatsConfig {
+            token: self.nats_token.clone(),
+            user: self.nats_user.clone(),
+            password: self.nats_password.clone(),
+            nkey_seed: self.nats_nkey_seed.clone(),
+            creds_file: self.nats_creds_file.clone(),
+            tls_ca: self.nats_tls_ca.clone(),
+            tls_cert: self.nats_tls_cert.clone(),
+            tls_key: self.nats_tls_key.clone(),
+            name: name.to_string(),
+            ..crate::nats::NatsConfig::new(&self.nats_url)
+        }
+    }
+}
+
+/// Logging and trace export.
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// `text` for people, `json` for log pipelines. Filter with RUST_LOG.
+    #[arg(long, env = "RERANK_LOG_FORMAT", value_enum, default_value_t = crate::telemetry::LogFormat::Text)]
+    pub log_format: crate::telemetry::LogFormat,
+    /// Log query and document text (debugging only: it may be personal data).
+    #[arg(long, env = "RERANK_LOG_TEXT")]
+    pub log_text: bool,
+}

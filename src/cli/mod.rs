@@ -3,6 +3,7 @@
 pub mod args;
 pub mod load;
 pub mod score;
+pub mod worker;
 
 use clap::{Parser, Subcommand};
 
@@ -18,12 +19,18 @@ pub struct Cli {
 pub enum Command {
     /// Score one request read from stdin as JSON and print the scores.
     Score(score::ScoreArgs),
+    /// Serve reranking requests from NATS on a GPU (or CPU) worker.
+    Worker(worker::WorkerArgs),
 }
 
 impl Cli {
     pub async fn run(self) -> anyhow::Result<()> {
         match self.command {
             Command::Score(args) => score::run(args).await,
+            Command::Worker(args) => {
+                let _guard = crate::telemetry::init("rerank-worker", args.log.log_format)?;
+                worker::run(args).await
+            }
         }
     }
 }

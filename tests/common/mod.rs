@@ -1,0 +1,246 @@
+//! Shared test helpers: a real `nats-server` on an ephemeral loopback port, worker processes,
+//! fixture paths and bounded waits. Every helper fails with a message instead of hanging.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The tiny random model in Hugging Face layout (tokenizer copied in by `make setup`).
+pub fn tiny_model_dir() -> PathBuf {
+    let dir = repo_root().join("tests/fixtures/tiny-model");
+    assert!(
+        dir.join("tokenizer.json").is_file(),
+        "tests/fixtures/tiny-model/tokenizer.json is missing: run `make setup`"
+    );
+    dir
+}
+
+pub fn rerank_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_rerank"))
+}
+
+/// Asserts two score vectors agree within `tol`, naming the first mismatch.
+pub fn assert_close(actual: &[f32], expected: &[f32], tol: f32, what: &str) {
+    assert_eq!(actual.len(), expected.len(), "{what}: length differs");
+    for (i, (a, e)) in actual.iter().zip(expected).enumerate() {
+        assert!(
+            (a - e).abs() <= tol,
+            "{what}: score {i} is {a}, expected {e} (|Δ| = {} > {tol})",
+            (a - e).abs()
+        );
+    }
+}
+
+/// A free loopback port (bound then released; good enough for tests that start a server on it).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free loopback port")
+}
+
+fn nats_server_bin() -> PathBuf {
+    if let Ok(path) = std::env::var("NATS_SERVER_BIN") {
+        if Path::new(&path).is_file() {
+            return PathBuf::from(path);
+        }
+    }
+    let local = repo_root().join(".tools/nats/bin/nats-server");
+    if local.is_file() {
+        return local;
+    }
+    PathBuf::from("nats-server")
+}
+
+/// A real nats-server process on 127.0.0.1; killed on drop.
+pub struct NatsServer {
+    child: Option<Child>,
+    pub port: u16,
+    extra_args: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl NatsServer {
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts with extra command-line arguments (auth, `--max_payload`, a config file...).
+    pub fn start_with(extra_args: &[&str]) -> Self {
+        let mut server = Self {
+            child: None,
+            port: free_port(),
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            _dir: tempfile::tempdir().expect("tempdir"),
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let mut child = Command::new(nats_server_bin())
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(&self.extra_args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start nats-server ({e}): run `make setup` to install it")
+            });
+        // Wait for "Server is ready" in its log (bounded).
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if !sent && line.contains("Server is ready") {
+                    let _ = tx.send(());
+                    sent = true;
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("nats-server did not become ready within 10 s");
+        self.child = Some(child);
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops and starts again on the same port (reconnect tests).
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A `rerank worker` child process on the tiny model; killed on drop.
+pub struct WorkerProcess {
+    pub child: Child,
+    pub health_port: u16,
+}
+
+impl WorkerProcess {
+    pub fn start(nats_url: &str, extra_args: &[&str]) -> Self {
+        let health_port = free_port();
+        let child = Command::new(rerank_bin())
+            .arg("worker")
+            .arg("--model")
+            .arg(tiny_model_dir())
+            .args(["--nats-url", nats_url])
+            .args(["--health-listen", &format!("127.0.0.1:{health_port}")])
+            .args(extra_args)
+            .env("RUST_LOG", "warn,rerank_service=info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("cannot start `rerank worker`");
+        let worker = Self { child, health_port };
+        worker.wait_ready(Duration::from_secs(60));
+        worker
+    }
+
+    pub fn probe_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.health_port)
+    }
+
+    /// Polls `/ready` until 200 (bounded).
+    pub fn wait_ready(&self, limit: Duration) {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if http_get_status(self.health_port, "/ready") == Some(200) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("worker not ready within {limit:?}");
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Waits for the process to exit (bounded) and returns its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("worker did not exit within {limit:?}");
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Minimal blocking HTTP GET status on loopback (no client dependency in sync helpers).
+pub fn http_get_status(port: u16, path: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    response.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Runs a future with a deadline, failing the test with `what` instead of hanging.
+pub async fn within<T>(limit: Duration, what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(limit, fut)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {limit:?}: {what}"))
+}
+
+/// The golden file written by `tests/fixtures/make_golden.py`.
+#[derive(serde::Deserialize)]
+pub struct Golden {
+    pub cases: Vec<GoldenCase>,
+}
+
+#[derive(serde::Deserialize, Clone)]
+pub struct GoldenCase {
+    pub name: String,
+    pub query: String,
+    pub documents: Vec<String>,
+    pub max_length: usize,
+    pub input_ids: Vec<Vec<u32>>,
+    pub scores: Vec<f32>,
+}
+
+pub fn golden() -> Golden {
+    let text = std::fs::read_to_string(repo_root().join("tests/fixtures/golden.json"))
+        .expect("tests/fixtures/golden.json");
+    serde_json::from_str(&text).expect("golden.json parses")
+}
