@@ -94,7 +94,7 @@ async fn round_trip_equals_rerank_score() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_payloads_get_typed_errors_and_the_worker_keeps_serving() {
-    let nats = NatsServer::start_with(&["--max_payload", "8388608"]);
+    let nats = NatsServer::start_with_config("max_payload: 8MB\n");
     let _worker = WorkerProcess::start(&nats.url(), &["--max-documents", "100"]);
     let client = connect(&nats.url()).await;
 

@@ -84,6 +84,21 @@ impl NatsServer {
         server
     }
 
+    /// Starts with a configuration file holding `config` (e.g. `max_payload: 8MB`).
+    pub fn start_with_config(config: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("nats.conf");
+        std::fs::write(&path, config).expect("write nats.conf");
+        let mut server = Self {
+            child: None,
+            port: free_port(),
+            extra_args: vec!["-c".into(), path.display().to_string()],
+            _dir: dir,
+        };
+        server.spawn();
+        server
+    }
+
     fn spawn(&mut self) {
         let mut child = Command::new(nats_server_bin())
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
