@@ -152,3 +152,205 @@ async fn malformed_payloads_get_typed_errors_and_the_worker_keeps_serving() {
     // Still serving.
     assert!(matches!(rerank(&client, &request("q", &["d"])).await, ReplyBody::Ok(_)));
 }
+
+/// A caller that retries what is safe to retry (no responders, timeouts, overloaded), as the
+/// client library does.
+async fn rerank_with_retries(client: &async_nats::Client, request: &RerankRequest) -> ReplyBody {
+    for _attempt in 0..20 {
+        let sent = client
+            .send_request(
+                wire::SUBJECT_V1,
+                async_nats::Request::new()
+                    .payload(Bytes::from(wire::encode(request)))
+                    .timeout(Some(Duration::from_secs(5))),
+            )
+            .await;
+        match sent {
+            Ok(message) => match wire::decode_reply(&message.payload).expect("decodes") {
+                ReplyBody::Err(e) if e.error.code.is_retryable() => {}
+                reply => return reply,
+            },
+            Err(_) => {}
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("request not answered after 20 attempts")
+}
+
+fn long_documents(n: usize, words: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| format!("document {i} ") + &"lorem ipsum dolor sit amet ".repeat(words / 5))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn queue_group_shares_work_and_sigkill_loses_nothing_for_a_retrying_caller() {
+    let nats = NatsServer::start();
+    let first = WorkerProcess::start(&nats.url(), &[]);
+    let mut second = WorkerProcess::start(&nats.url(), &[]);
+    let client = connect(&nats.url()).await;
+    let docs = long_documents(8, 60);
+    let docs: Vec<&str> = docs.iter().map(String::as_str).collect();
+    let req = request("lorem?", &docs);
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..60 {
+        let client = client.clone();
+        let req = req.clone();
+        tasks.spawn(async move { (i, rerank_with_retries(&client, &req).await) });
+    }
+    // Kill one member while requests are in flight.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    second.child.kill().expect("SIGKILL");
+    let mut answered = 0;
+    while let Some(result) = within(Duration::from_secs(120), "all requests", tasks.join_next()).await {
+        let (i, reply) = result.expect("task");
+        assert!(matches!(reply, ReplyBody::Ok(_)), "request {i} failed: {reply:?}");
+        answered += 1;
+    }
+    assert_eq!(answered, 60);
+    let (_, metrics) = http_get(first.health_port, "/metrics").expect("metrics");
+    let served_by_first = metric_sum(&metrics, "rerank_requests_total");
+    assert!(served_by_first > 0.0 && served_by_first <= 60.0 + 20.0);
+    let _ = second.wait_exit(Duration::from_secs(5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn both_queue_group_members_take_work() {
+    let nats = NatsServer::start();
+    let workers = [
+        WorkerProcess::start(&nats.url(), &[]),
+        WorkerProcess::start(&nats.url(), &[]),
+    ];
+    let client = connect(&nats.url()).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..40 {
+        let client = client.clone();
+        tasks.spawn(async move { rerank(&client, &request("q", &["a", "b"])).await });
+    }
+    while let Some(r) = within(Duration::from_secs(60), "requests", tasks.join_next()).await {
+        assert!(matches!(r.unwrap(), ReplyBody::Ok(_)));
+    }
+    for worker in &workers {
+        let (_, metrics) = http_get(worker.health_port, "/metrics").expect("metrics");
+        let served = metric_sum(&metrics, "rerank_requests_total");
+        assert!(served >= 1.0, "a queue-group member took no work:\n{metrics}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_answers_every_accepted_request_and_exits_zero() {
+    let nats = NatsServer::start();
+    let mut worker = WorkerProcess::start(&nats.url(), &[]);
+    let client = connect(&nats.url()).await;
+    let docs = long_documents(24, 120);
+    let docs: Vec<&str> = docs.iter().map(String::as_str).collect();
+    let req = request("lorem?", &docs);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..16 {
+        let client = client.clone();
+        let req = req.clone();
+        tasks.spawn(async move { rerank(&client, &req).await });
+    }
+    // Let the requests reach the worker, then ask it to stop while they are queued.
+    within(Duration::from_secs(10), "work queued", async {
+        loop {
+            let (_, m) = http_get(worker.health_port, "/metrics").unwrap_or_default();
+            if metric_sum(&m, "rerank_inflight_requests") >= 8.0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    worker.signal("TERM");
+    while let Some(r) = within(Duration::from_secs(120), "drained replies", tasks.join_next()).await {
+        assert!(matches!(r.unwrap(), ReplyBody::Ok(_)), "an accepted request was not answered");
+    }
+    assert_eq!(worker.wait_exit(Duration::from_secs(30)), Some(0));
+    // Nobody serves the subject any more: no responders, not a hang.
+    let after = client.request(wire::SUBJECT_V1, Bytes::from(wire::encode(&req))).await;
+    assert!(matches!(after.map_err(|e| e.kind()), Err(async_nats::RequestErrorKind::NoResponders)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn overload_is_refused_fast_and_accepted_requests_complete() {
+    let nats = NatsServer::start();
+    let _worker = WorkerProcess::start(
+        &nats.url(),
+        &["--max-queue-pairs", "4", "--max-documents", "4", "--max-inflight-requests", "8"],
+    );
+    let client = connect(&nats.url()).await;
+    let docs = long_documents(4, 200);
+    let docs: Vec<&str> = docs.iter().map(String::as_str).collect();
+    let req = request("q", &docs);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..48 {
+        let client = client.clone();
+        let req = req.clone();
+        tasks.spawn(async move { rerank(&client, &req).await });
+    }
+    let (mut ok, mut overloaded) = (0, 0);
+    while let Some(r) = within(Duration::from_secs(60), "replies", tasks.join_next()).await {
+        match r.unwrap() {
+            ReplyBody::Ok(reply) => {
+                assert_eq!(reply.scores.len(), 4);
+                ok += 1
+            }
+            ReplyBody::Err(e) if e.error.code == ErrorCode::Overloaded => overloaded += 1,
+            ReplyBody::Err(e) => panic!("unexpected error {e:?}"),
+        }
+    }
+    assert_eq!(ok + overloaded, 48);
+    assert!(ok >= 1, "nothing was accepted");
+    assert!(overloaded >= 1, "a tiny queue never refused anything");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn worker_reconnects_after_a_nats_restart() {
+    let mut nats = NatsServer::start();
+    let worker = WorkerProcess::start(&nats.url(), &[]);
+    nats.restart();
+    let client = connect(&nats.url()).await;
+    let reply = within(
+        Duration::from_secs(30),
+        "served after restart",
+        rerank_with_retries(&client, &request("q", &["a"])),
+    )
+    .await;
+    assert!(matches!(reply, ReplyBody::Ok(_)));
+    assert_eq!(http_get_status(worker.health_port, "/live"), Some(200));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_deadline_is_refused_before_compute() {
+    let nats = NatsServer::start();
+    let _worker = WorkerProcess::start(&nats.url(), &[]);
+    let client = connect(&nats.url()).await;
+    let mut req = request("q", &["a"]);
+    req.deadline_ms = Some(1);
+    match rerank(&client, &req).await {
+        ReplyBody::Err(e) => assert_eq!(e.error.code, ErrorCode::DeadlineExceeded),
+        ok => panic!("expected deadline_exceeded, got {ok:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_discovery_reports_model_metadata() {
+    let nats = NatsServer::start();
+    let _worker = WorkerProcess::start(&nats.url(), &[]);
+    let client = connect(&nats.url()).await;
+    let info = within(
+        Duration::from_secs(5),
+        "$SRV.INFO",
+        client.request("$SRV.INFO.rerank", Bytes::new()),
+    )
+    .await
+    .expect("info reply");
+    let info: serde_json::Value = serde_json::from_slice(&info.payload).unwrap();
+    assert_eq!(info["name"], "rerank");
+    assert_eq!(info["metadata"]["device"], "cpu");
+    assert_eq!(info["metadata"]["dtype"], "f32");
+    assert_eq!(info["metadata"]["model_loaded"], "true");
+    assert_eq!(info["metadata"]["max_length"], "512");
+}
