@@ -59,6 +59,9 @@ pub struct EngineArgs {
     /// Documents allowed in one request (`too_many_documents` beyond).
     #[arg(long, env = "RERANK_MAX_DOCUMENTS", default_value_t = 1_000)]
     pub max_documents: usize,
+    /// Largest share of padding in one forward pass before a length-sorted batch is split.
+    #[arg(long, env = "RERANK_MAX_PADDING", default_value_t = 0.2)]
+    pub max_padding: f64,
     /// Tokens of the warm-up forward pass before reporting ready (default: one full batch on a
     /// GPU, 512 on the CPU).
     #[arg(long, env = "RERANK_WARMUP_TOKENS")]
@@ -78,6 +81,7 @@ impl EngineArgs {
             max_batch_tokens: self.max_batch_tokens,
             max_queue_pairs: self.max_queue_pairs,
             max_documents: self.max_documents,
+            max_padding: self.max_padding.clamp(0.0, 1.0),
             warmup_tokens: self.warmup_tokens.unwrap_or(if on_gpu {
                 self.max_batch_tokens
             } else {

@@ -1,6 +1,8 @@
 //! The `rerank` command line: clap types and one module per subcommand.
 
 pub mod args;
+pub mod bench;
+pub mod download;
 pub mod load;
 pub mod score;
 pub mod worker;
@@ -21,12 +23,21 @@ pub enum Command {
     Score(score::ScoreArgs),
     /// Serve reranking requests from NATS on a GPU (or CPU) worker.
     Worker(worker::WorkerArgs),
+    /// Download the model into the Hugging Face cache and exit.
+    Download(download::DownloadArgs),
+    /// Measure throughput and latency of the engine, or of a worker pool over NATS.
+    Bench(bench::BenchArgs),
 }
 
 impl Cli {
     pub async fn run(self) -> anyhow::Result<()> {
         match self.command {
             Command::Score(args) => score::run(args).await,
+            Command::Bench(args) => bench::run(args).await,
+            Command::Download(args) => {
+                let _guard = crate::telemetry::init("rerank-download", crate::telemetry::LogFormat::Text)?;
+                download::run(args).await
+            }
             Command::Worker(args) => {
                 let _guard = crate::telemetry::init("rerank-worker", args.log.log_format)?;
                 worker::run(args).await

@@ -15,17 +15,28 @@ use super::metrics::EngineMetrics;
 use super::queue::{Batch, QueuedPair};
 use super::EngineError;
 
-/// Splits length-sorted pairs into mini-batches whose padded size (`rows × longest`) fits the budget.
-pub fn mini_batches(pairs: &[QueuedPair], max_batch_tokens: usize) -> Vec<std::ops::Range<usize>> {
+/// Splits length-sorted pairs into mini-batches whose padded size (`rows × longest`) fits the
+/// budget and whose padding stays under `max_padding` of the padded size (so a 60-token pair is not
+/// padded to 268 tokens just because both came in the same request).
+pub fn mini_batches(
+    pairs: &[QueuedPair],
+    max_batch_tokens: usize,
+    max_padding: f64,
+) -> Vec<std::ops::Range<usize>> {
     let mut ranges = Vec::new();
     let mut start = 0;
+    let mut real = 0usize;
     for i in 0..pairs.len() {
         // Sorted ascending, so pair i is the longest of [start, i].
-        let padded = (i + 1 - start) * pairs[i].ids.len();
-        if i > start && padded > max_batch_tokens {
+        let len = pairs[i].ids.len();
+        let padded = (i + 1 - start) * len;
+        let waste = (padded - (real + len)) as f64 / padded.max(1) as f64;
+        if i > start && (padded > max_batch_tokens || waste > max_padding) {
             ranges.push(start..i);
             start = i;
+            real = 0;
         }
+        real += len;
     }
     if start < pairs.len() {
         ranges.push(start..pairs.len());
@@ -36,6 +47,7 @@ pub fn mini_batches(pairs: &[QueuedPair], max_batch_tokens: usize) -> Vec<std::o
 pub struct Executor {
     pub model: CrossEncoder,
     pub max_batch_tokens: usize,
+    pub max_padding: f64,
     pub metrics: EngineMetrics,
 }
 
@@ -54,7 +66,7 @@ impl Executor {
             pair.request.scheduled(now);
         }
         batch.pairs.sort_by_key(|p| p.ids.len());
-        for range in mini_batches(&batch.pairs, self.max_batch_tokens) {
+        for range in mini_batches(&batch.pairs, self.max_batch_tokens, self.max_padding) {
             let pairs = &batch.pairs[range];
             let longest = pairs.last().map_or(0, |p| p.ids.len());
             let real: usize = pairs.iter().map(|p| p.ids.len()).sum();
@@ -109,10 +121,15 @@ mod tests {
                 ids: vec![0; l],
             })
             .collect();
-        let ranges = mini_batches(&pairs, 10);
+        let ranges = mini_batches(&pairs, 10, 1.0);
         // [2,2,3] pads to 9; adding 5 would pad to 20; [5] then [9].
         assert_eq!(ranges, vec![0..3, 3..4, 4..5]);
-        assert_eq!(mini_batches(&pairs, 1000), vec![0..5]);
-        assert!(mini_batches(&[], 10).is_empty());
+        assert_eq!(mini_batches(&pairs, 1000, 1.0), vec![0..5]);
+        // With at most 20% padding: [2,2] (3 would waste 2/9), [3], [5], [9].
+        assert_eq!(
+            mini_batches(&pairs, 1000, 0.2),
+            vec![0..2, 2..3, 3..4, 4..5]
+        );
+        assert!(mini_batches(&[], 10, 0.2).is_empty());
     }
 }

@@ -40,6 +40,9 @@ pub struct EngineConfig {
     pub max_queue_pairs: usize,
     /// Documents allowed in one request.
     pub max_documents: usize,
+    /// Largest share of padding tolerated in one forward pass before the length-sorted batch is
+    /// split (smaller passes cost launches on a GPU; padding costs FLOPs everywhere).
+    pub max_padding: f64,
     /// Tokens of the warm-up forward pass run before `Ready` (TEI warms up with a full batch so an
     /// out-of-memory shows at boot, not under load). 0 skips it.
     pub warmup_tokens: usize,
@@ -51,6 +54,7 @@ impl Default for EngineConfig {
             max_batch_tokens: 16_384,
             max_queue_pairs: 4_096,
             max_documents: 1_000,
+            max_padding: 0.2,
             warmup_tokens: 512,
         }
     }
@@ -127,6 +131,7 @@ impl Engine {
         let executor = Executor {
             model,
             max_batch_tokens: config.max_batch_tokens,
+            max_padding: config.max_padding,
             metrics: metrics.clone(),
         };
         let warmup_tokens = config.warmup_tokens.min(config.max_batch_tokens);

@@ -1,0 +1,364 @@
+//! `rerank bench`: drive the real batcher (or a worker pool over NATS) with a seeded workload and
+//! report throughput, latency percentiles, padding and batch shapes as one JSON object.
+//!
+//! Workloads mirror `shared/gpu/torch_baseline.py`: `seed` is the user's service shape (15 documents
+//! of 60–268 tokens per request), `long` is 100 documents of ~512 tokens, `custom` takes the flags.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+
+use prometheus::core::Metric;
+
+use crate::engine::{Engine, EngineMetrics, ScoreRequest};
+use crate::wire::{self, ReplyBody, RerankRequest};
+
+use super::args::{EngineArgs, ModelArgs, NatsArgs};
+use super::load::start_engine;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchMode {
+    /// Call the engine in-process (no transport): the batcher and the device only.
+    Engine,
+    /// Send MessagePack requests over NATS to whatever workers serve --subject.
+    Nats,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Workload {
+    /// 15 documents of 60–268 tokens per request (the RAG chatbot's shape).
+    Seed,
+    /// 100 documents of ~512 tokens per request.
+    Long,
+    /// --documents, --min-tokens, --max-tokens.
+    Custom,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[arg(long, value_enum, default_value_t = BenchMode::Engine)]
+    pub mode: BenchMode,
+    #[arg(long, value_enum, default_value_t = Workload::Seed)]
+    pub workload: Workload,
+    /// Concurrent callers, each sending its next request when the previous one is answered.
+    #[arg(long, default_value_t = 1)]
+    pub concurrency: usize,
+    /// Requests in total (after the warm-up requests).
+    #[arg(long, default_value_t = 100)]
+    pub requests: usize,
+    /// Requests sent first and not measured.
+    #[arg(long, default_value_t = 2)]
+    pub warmup_requests: usize,
+    #[arg(long, default_value_t = 15)]
+    pub documents: usize,
+    #[arg(long, default_value_t = 60)]
+    pub min_tokens: usize,
+    #[arg(long, default_value_t = 268)]
+    pub max_tokens: usize,
+    /// Seed of the document lengths and words.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Per-request timeout in NATS mode, seconds.
+    #[arg(long, default_value_t = 60)]
+    pub timeout: u64,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub nats: NatsArgs,
+}
+
+/// One JSON line of results.
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    pub mode: String,
+    pub workload: String,
+    pub device: String,
+    pub dtype: String,
+    pub concurrency: usize,
+    pub requests: usize,
+    pub failed: usize,
+    pub pairs: u64,
+    pub real_tokens: u64,
+    pub seconds: f64,
+    pub requests_per_s: f64,
+    pub pairs_per_s: f64,
+    pub real_tokens_per_s: f64,
+    pub latency_ms: Percentiles,
+    /// Engine mode only: padded tokens / real tokens − 1.
+    pub padding_overhead: Option<f64>,
+    /// Engine mode only: mean pairs and padded tokens per forward pass, and how many passes.
+    pub batches: Option<BatchShapes>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BatchShapes {
+    pub forward_passes: u64,
+    pub mean_pairs: f64,
+    pub mean_padded_tokens: f64,
+    /// Upper bucket bound -> forward passes with at most that many pairs.
+    pub pairs_histogram: Vec<(f64, u64)>,
+}
+
+/// Common single-token English words (with their leading space in Llama-3 BPE), so a document of
+/// n words is close to n tokens.
+const WORDS: [&str; 24] = [
+    "the", "of", "and", "to", "in", "is", "for", "that", "with", "on", "as", "by", "this", "from",
+    "at", "are", "was", "be", "or", "an", "it", "not", "which", "have",
+];
+
+/// Tiny deterministic generator (SplitMix64): the workload must not depend on a crate's RNG.
+struct SplitMix(u64);
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn range(&mut self, lo: usize, hi: usize) -> usize {
+        lo + (self.next() % (hi.saturating_sub(lo) as u64 + 1)) as usize
+    }
+}
+
+/// The requests of one run, deterministic in `seed`.
+pub fn workload_requests(args: &BenchArgs, count: usize) -> Vec<(String, Vec<String>)> {
+    let (docs, lo, hi) = match args.workload {
+        Workload::Seed => (15, 60, 268),
+        Workload::Long => (100, 512, 512),
+        Workload::Custom => (args.documents, args.min_tokens, args.max_tokens),
+    };
+    let mut rng = SplitMix(args.seed);
+    (0..count)
+        .map(|r| {
+            let documents = (0..docs)
+                .map(|_| {
+                    // The template and query take ~12 tokens of the pair's length.
+                    let words = rng.range(lo, hi).saturating_sub(12).max(1);
+                    (0..words)
+                        .map(|_| WORDS[(rng.next() % WORDS.len() as u64) as usize])
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .collect();
+            (format!("benchmark query number {r}"), documents)
+        })
+        .collect()
+}
+
+fn percentiles(mut samples: Vec<f64>) -> Percentiles {
+    samples.sort_by(f64::total_cmp);
+    let at = |q: f64| -> f64 {
+        if samples.is_empty() {
+            return 0.0;
+        }
+        let i = ((samples.len() as f64 - 1.0) * q).round() as usize;
+        samples[i.min(samples.len() - 1)]
+    };
+    Percentiles {
+        p50: at(0.5),
+        p90: at(0.9),
+        p99: at(0.99),
+        max: at(1.0),
+    }
+}
+
+/// What one request cost: (latency, pairs, tokens) or a failure.
+type Outcome = Option<(Duration, u64, u64)>;
+
+async fn run_callers<F, Fut>(
+    requests: Vec<(String, Vec<String>)>,
+    concurrency: usize,
+    call: F,
+) -> (Vec<Outcome>, Duration)
+where
+    F: Fn(String, Vec<String>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Outcome> + Send,
+{
+    let queue = Arc::new(std::sync::Mutex::new(requests.into_iter()));
+    let call = Arc::new(call);
+    let started = Instant::now();
+    let mut callers = tokio::task::JoinSet::new();
+    for _ in 0..concurrency.max(1) {
+        let queue = Arc::clone(&queue);
+        let call = Arc::clone(&call);
+        callers.spawn(async move {
+            let mut outcomes = Vec::new();
+            loop {
+                let next = queue.lock().unwrap_or_else(|e| e.into_inner()).next();
+                let Some((query, documents)) = next else { break };
+                outcomes.push(call(query, documents).await);
+            }
+            outcomes
+        });
+    }
+    let mut outcomes = Vec::new();
+    while let Some(done) = callers.join_next().await {
+        outcomes.extend(done.unwrap_or_default());
+    }
+    (outcomes, started.elapsed())
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let total = args.warmup_requests + args.requests;
+    let mut requests = workload_requests(&args, total);
+    let measured = requests.split_off(args.warmup_requests.min(requests.len()));
+    let warmup = requests;
+
+    let report = match args.mode {
+        BenchMode::Engine => {
+            let metrics = EngineMetrics::detached();
+            let config = args.engine.to_config(!args.model.device.starts_with("cpu"))?;
+            let (engine, info) = start_engine(&args.model, config, metrics.clone()).await?;
+            let call = engine_call(engine.clone());
+            run_callers(warmup, args.concurrency, call.clone()).await;
+            let (passes_before, pairs_before, padded_before) = (
+                metrics.batch_size.get_sample_count(),
+                metrics.batch_size.get_sample_sum(),
+                metrics.batch_padded_tokens.get_sample_sum(),
+            );
+            let (outcomes, elapsed) = run_callers(measured, args.concurrency, call).await;
+            let passes = metrics.batch_size.get_sample_count() - passes_before;
+            let pairs = metrics.batch_size.get_sample_sum() - pairs_before;
+            let padded = metrics.batch_padded_tokens.get_sample_sum() - padded_before;
+            let proto = metrics.batch_size.metric();
+            let pairs_histogram = proto
+                .get_histogram()
+                .get_bucket()
+                .iter()
+                .map(|b| (b.upper_bound(), b.cumulative_count()))
+                .collect();
+            engine.shutdown().await;
+            let mut report = summarize(&args, &info.device, &info.dtype, outcomes, elapsed);
+            report.padding_overhead = Some(padded / (report.real_tokens.max(1) as f64) - 1.0);
+            report.batches = Some(BatchShapes {
+                forward_passes: passes,
+                mean_pairs: pairs / passes.max(1) as f64,
+                mean_padded_tokens: padded / passes.max(1) as f64,
+                pairs_histogram,
+            });
+            report
+        }
+        BenchMode::Nats => {
+            let client = args
+                .nats
+                .to_config("rerank-bench")
+                .connect()
+                .await
+                .context("bench needs a NATS server with workers")?;
+            let call = nats_call(client, args.nats.subject.clone(), Duration::from_secs(args.timeout));
+            run_callers(warmup, args.concurrency, call.clone()).await;
+            let (outcomes, elapsed) = run_callers(measured, args.concurrency, call).await;
+            summarize(&args, "remote", "remote", outcomes, elapsed)
+        }
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+fn engine_call(
+    engine: Engine,
+) -> impl Fn(String, Vec<String>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send>>
+       + Clone
+       + Send
+       + Sync
+       + 'static {
+    move |query, documents| {
+        let engine = engine.clone();
+        Box::pin(async move {
+            let started = Instant::now();
+            let pairs = documents.len() as u64;
+            let response = engine
+                .score(ScoreRequest {
+                    query,
+                    documents,
+                    ..Default::default()
+                })
+                .await
+                .ok()?;
+            Some((started.elapsed(), pairs, response.tokens as u64))
+        })
+    }
+}
+
+fn nats_call(
+    client: async_nats::Client,
+    subject: String,
+    timeout: Duration,
+) -> impl Fn(String, Vec<String>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send>>
+       + Clone
+       + Send
+       + Sync
+       + 'static {
+    move |query, documents| {
+        let client = client.clone();
+        let subject = subject.clone();
+        Box::pin(async move {
+            let body = wire::encode(&RerankRequest {
+                query,
+                documents,
+                ..Default::default()
+            });
+            let started = Instant::now();
+            let message = client
+                .send_request(
+                    subject,
+                    async_nats::Request::new()
+                        .payload(Bytes::from(body))
+                        .timeout(Some(timeout)),
+                )
+                .await
+                .ok()?;
+            match wire::decode_reply(&message.payload).ok()? {
+                ReplyBody::Ok(reply) => Some((started.elapsed(), reply.usage.pairs, reply.usage.tokens)),
+                ReplyBody::Err(_) => None,
+            }
+        })
+    }
+}
+
+fn summarize(
+    args: &BenchArgs,
+    device: &str,
+    dtype: &str,
+    outcomes: Vec<Outcome>,
+    elapsed: Duration,
+) -> BenchReport {
+    let ok: Vec<(Duration, u64, u64)> = outcomes.iter().flatten().copied().collect();
+    let failed = outcomes.len() - ok.len();
+    let seconds = elapsed.as_secs_f64().max(1e-9);
+    let pairs: u64 = ok.iter().map(|o| o.1).sum();
+    let real_tokens: u64 = ok.iter().map(|o| o.2).sum();
+    BenchReport {
+        mode: format!("{:?}", args.mode).to_lowercase(),
+        workload: format!("{:?}", args.workload).to_lowercase(),
+        device: device.to_string(),
+        dtype: dtype.to_string(),
+        concurrency: args.concurrency,
+        requests: outcomes.len(),
+        failed,
+        pairs,
+        real_tokens,
+        seconds,
+        requests_per_s: ok.len() as f64 / seconds,
+        pairs_per_s: pairs as f64 / seconds,
+        real_tokens_per_s: real_tokens as f64 / seconds,
+        latency_ms: percentiles(ok.iter().map(|o| o.0.as_secs_f64() * 1e3).collect()),
+        padding_overhead: None,
+        batches: None,
+    }
+}
