@@ -208,7 +208,9 @@ impl Engine {
         let started = Instant::now();
         let tokenizer = Arc::clone(&inner.tokenizer);
         let truncation = request.truncation;
+        let tokenize_span = tracing::info_span!("engine.tokenize", rerank.documents = count);
         let sequences = tokio::task::spawn_blocking(move || {
+            let _enter = tokenize_span.enter();
             let docs: Vec<&str> = request.documents.iter().map(String::as_str).collect();
             tokenizer.encode_pairs(&request.query, &docs, truncation)
         })

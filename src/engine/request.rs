@@ -27,6 +27,8 @@ pub struct PendingRequest {
     deadline: Option<Instant>,
     /// The caller's span, so batch work shows up in the request's trace.
     pub span: tracing::Span,
+    /// `engine.queue`: open from admission until the first pair reaches the device.
+    queue_span: Mutex<Option<tracing::Span>>,
 }
 
 #[derive(Debug)]
@@ -51,6 +53,9 @@ impl PendingRequest {
             }),
             remaining: AtomicUsize::new(pairs),
             deadline,
+            queue_span: Mutex::new(Some(
+                tracing::info_span!(parent: &span, "engine.queue", rerank.pairs = pairs),
+            )),
             span,
         };
         (std::sync::Arc::new(request), rx)
@@ -77,10 +82,15 @@ impl PendingRequest {
         }
     }
 
-    /// Marks the request as having reached the device.
+    /// Marks the request as having reached the device (ends its `engine.queue` span).
     pub fn scheduled(&self, at: Instant) {
         let mut state = self.lock();
         state.first_scheduled.get_or_insert(at);
+        drop(state);
+        self.queue_span
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
     }
 
     /// Records one pair's score; answers the request when it was the last.

@@ -158,6 +158,10 @@ pub struct WorkerProcess {
 
 impl WorkerProcess {
     pub fn start(nats_url: &str, extra_args: &[&str]) -> Self {
+        Self::start_with_env(nats_url, extra_args, &[])
+    }
+
+    pub fn start_with_env(nats_url: &str, extra_args: &[&str], env: &[(&str, &str)]) -> Self {
         let health_port = free_port();
         let child = Command::new(rerank_bin())
             .arg("worker")
@@ -167,6 +171,7 @@ impl WorkerProcess {
             .args(["--health-listen", &format!("127.0.0.1:{health_port}")])
             .args(extra_args)
             .env("RUST_LOG", "warn,rerank_service=info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -278,4 +283,135 @@ pub fn golden() -> Golden {
     let text = std::fs::read_to_string(repo_root().join("tests/fixtures/golden.json"))
         .expect("tests/fixtures/golden.json");
     serde_json::from_str(&text).expect("golden.json parses")
+}
+
+/// An OTLP/HTTP trace receiver on loopback that decodes every export with the real protobuf types.
+pub struct OtlpReceiver {
+    pub endpoint: String,
+    spans: std::sync::Arc<std::sync::Mutex<Vec<ReceivedSpan>>>,
+}
+
+/// One received span, flattened.
+#[derive(Debug, Clone)]
+pub struct ReceivedSpan {
+    pub service: String,
+    pub name: String,
+    pub trace_id: String,
+    pub span_id: String,
+    pub parent_span_id: String,
+    pub attributes: Vec<(String, String)>,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl OtlpReceiver {
+    pub async fn start() -> Self {
+        use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+        use prost::Message;
+        let spans = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = spans.clone();
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(move |body: bytes::Bytes| {
+                let sink = sink.clone();
+                async move {
+                    let request = ExportTraceServiceRequest::decode(body).expect("valid OTLP protobuf");
+                    let mut sink = sink.lock().unwrap();
+                    for resource in request.resource_spans {
+                        let service = resource
+                            .resource
+                            .iter()
+                            .flat_map(|r| r.attributes.iter())
+                            .find(|kv| kv.key == "service.name")
+                            .and_then(|kv| kv.value.as_ref())
+                            .map(|v| format!("{:?}", v.value))
+                            .unwrap_or_default();
+                        for scope in resource.scope_spans {
+                            for span in scope.spans {
+                                sink.push(ReceivedSpan {
+                                    service: service.clone(),
+                                    name: span.name,
+                                    trace_id: hex(&span.trace_id),
+                                    span_id: hex(&span.span_id),
+                                    parent_span_id: hex(&span.parent_span_id),
+                                    attributes: span
+                                        .attributes
+                                        .iter()
+                                        .map(|kv| (kv.key.clone(), format!("{:?}", kv.value)))
+                                        .collect(),
+                                });
+                            }
+                        }
+                    }
+                    (
+                        [(http::header::CONTENT_TYPE, "application/x-protobuf")],
+                        Vec::<u8>::new(),
+                    )
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self { endpoint, spans }
+    }
+
+    pub fn spans(&self) -> Vec<ReceivedSpan> {
+        self.spans.lock().unwrap().clone()
+    }
+
+    /// Waits until spans named `names` of `trace_id` have all arrived.
+    pub async fn wait_for(&self, trace_id: &str, names: &[&str], limit: Duration) -> Vec<ReceivedSpan> {
+        let start = Instant::now();
+        loop {
+            let spans: Vec<ReceivedSpan> =
+                self.spans().into_iter().filter(|s| s.trace_id == trace_id).collect();
+            if names.iter().all(|n| spans.iter().any(|s| s.name == *n)) {
+                return spans;
+            }
+            if start.elapsed() > limit {
+                let got: Vec<_> = spans.iter().map(|s| s.name.as_str()).collect();
+                panic!("spans {names:?} of trace {trace_id} not all received within {limit:?}; got {got:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Parses Prometheus text exposition strictly enough to catch malformed output:
+/// returns (metric name with labels, value) for every sample; panics on a malformed line.
+pub fn parse_prometheus(text: &str) -> Vec<(String, String, f64)> {
+    let mut samples = Vec::new();
+    for line in text.lines() {
+        if line.is_empty() || line.starts_with("# HELP ") || line.starts_with("# TYPE ") {
+            continue;
+        }
+        assert!(!line.starts_with('#'), "unexpected comment line: {line}");
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("malformed sample: {line}"));
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in: {line}"));
+        let (name, labels) = match series.split_once('{') {
+            Some((name, rest)) => {
+                let labels = rest.strip_suffix('}').unwrap_or_else(|| panic!("unclosed labels: {line}"));
+                (name.to_string(), labels.to_string())
+            }
+            None => (series.to_string(), String::new()),
+        };
+        assert!(
+            name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad metric name in: {line}"
+        );
+        samples.push((name, labels, value));
+    }
+    samples
+}
+
+/// Sum of the samples of `name` whose labels contain every `label=\"value\"` in `with`.
+pub fn sample_sum(samples: &[(String, String, f64)], name: &str, with: &[&str]) -> f64 {
+    samples
+        .iter()
+        .filter(|(n, labels, _)| n == name && with.iter().all(|w| labels.contains(w)))
+        .map(|(_, _, v)| v)
+        .sum()
 }

@@ -1,0 +1,200 @@
+//! Batch composition must not change a score: a pair scored alone equals the same pair inside padded
+//! batches of very different lengths, in any order, split into mini-batches by the engine's token
+//! budget, and mixed with other requests running concurrently (CPU, f32, within 1e-5).
+
+mod common;
+
+use std::time::Duration;
+
+use candle_core::{DType, Device};
+use common::*;
+use rerank_service::engine::{Engine, EngineConfig, EngineMetrics, ScoreRequest};
+use rerank_service::model::{CrossEncoder, ModelConfig, ModelFiles, PairTokenizer, Truncation};
+
+const TOL: f32 = 1e-5;
+const MAX_LENGTH: usize = 512;
+
+fn load_model() -> CrossEncoder {
+    let files = ModelFiles::from_dir(&tiny_model_dir()).expect("tiny model files");
+    let config = ModelConfig::from_file(&files.config).expect("tiny config.json");
+    files
+        .load_model(&config, DType::F32, &Device::Cpu, MAX_LENGTH)
+        .expect("tiny model loads")
+}
+
+fn tokenizer() -> PairTokenizer {
+    PairTokenizer::from_file(&tiny_model_dir().join("tokenizer.json"), MAX_LENGTH)
+        .expect("tokenizer.json")
+}
+
+/// Every golden sequence: lengths from 10 to 512 tokens.
+fn golden_sequences() -> Vec<Vec<u32>> {
+    golden()
+        .cases
+        .into_iter()
+        .flat_map(|c| c.input_ids)
+        .collect()
+}
+
+/// Every golden document (empty, emoji, multilingual, one truncated at 512 tokens).
+fn golden_documents() -> Vec<String> {
+    golden()
+        .cases
+        .into_iter()
+        .flat_map(|c| c.documents)
+        .collect()
+}
+
+fn alone(model: &CrossEncoder, sequences: &[Vec<u32>]) -> Vec<f32> {
+    sequences
+        .iter()
+        .map(|s| model.score_batch(&[s.as_slice()]).expect("score alone")[0])
+        .collect()
+}
+
+#[test]
+fn score_batch_is_independent_of_batch_composition_and_order() {
+    let model = load_model();
+    let sequences = golden_sequences();
+    let lengths: Vec<usize> = sequences.iter().map(Vec::len).collect();
+    assert!(*lengths.iter().min().unwrap() <= 16 && *lengths.iter().max().unwrap() == MAX_LENGTH);
+    let reference = alone(&model, &sequences);
+
+    let n = sequences.len();
+    let shortest = (0..n).min_by_key(|&i| lengths[i]).unwrap();
+    let longest = (0..n).max_by_key(|&i| lengths[i]).unwrap();
+    let orders: Vec<(&str, Vec<usize>)> = vec![
+        ("all, input order", (0..n).collect()),
+        ("all, reversed", (0..n).rev().collect()),
+        ("all, interleaved", (0..n).step_by(2).chain((1..n).step_by(2)).collect()),
+        ("shortest with longest", vec![shortest, longest]),
+        ("longest with shortest", vec![longest, shortest]),
+        (
+            "duplicates among others",
+            vec![shortest, longest, shortest, 3, shortest],
+        ),
+    ];
+    for (what, order) in orders {
+        let batch: Vec<&[u32]> = order.iter().map(|&i| sequences[i].as_slice()).collect();
+        let scores = model.score_batch(&batch).expect("batch");
+        let expected: Vec<f32> = order.iter().map(|&i| reference[i]).collect();
+        assert_close(&scores, &expected, TOL, what);
+    }
+}
+
+async fn start_engine(max_batch_tokens: usize) -> (Engine, EngineMetrics) {
+    let metrics = EngineMetrics::detached();
+    let engine = within(
+        Duration::from_secs(60),
+        "engine start",
+        Engine::start(
+            load_model(),
+            tokenizer(),
+            EngineConfig {
+                max_batch_tokens,
+                warmup_tokens: 0,
+                ..EngineConfig::default()
+            },
+            metrics.clone(),
+        ),
+    )
+    .await
+    .expect("engine starts");
+    (engine, metrics)
+}
+
+async fn score(engine: &Engine, query: &str, documents: &[String]) -> Vec<f32> {
+    within(
+        Duration::from_secs(120),
+        "engine score",
+        engine.score(ScoreRequest {
+            query: query.to_string(),
+            documents: documents.to_vec(),
+            ..ScoreRequest::default()
+        }),
+    )
+    .await
+    .expect("scored")
+    .scores
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_mini_batches_give_the_scores_of_each_pair_alone() {
+    let query = "why do rivers flood in spring?";
+    let documents = golden_documents();
+    let docs: Vec<&str> = documents.iter().map(String::as_str).collect();
+    let sequences = tokenizer()
+        .encode_pairs(query, &docs, Truncation::End)
+        .expect("tokenize");
+    let reference = alone(&load_model(), &sequences);
+    let total_tokens: usize = sequences.iter().map(Vec::len).sum();
+
+    let budget = 600;
+    let (engine, metrics) = start_engine(budget).await;
+    let scores = score(&engine, query, &documents).await;
+    assert_close(&scores, &reference, TOL, "one request, several mini-batches");
+    let forward_passes = metrics.batch_size.get_sample_count();
+    assert!(
+        forward_passes as usize >= total_tokens.div_ceil(budget),
+        "{total_tokens} tokens under a {budget}-token budget ran in only {forward_passes} forward passes"
+    );
+    assert_eq!(metrics.batch_size.get_sample_sum() as usize, documents.len());
+
+    // The same documents in other orders: each score follows its document.
+    let n = documents.len();
+    for (what, order) in [
+        ("reversed", (0..n).rev().collect::<Vec<_>>()),
+        ("rotated", (0..n).map(|i| (i + n / 3) % n).collect()),
+    ] {
+        let permuted: Vec<String> = order.iter().map(|&i| documents[i].clone()).collect();
+        let scores = score(&engine, query, &permuted).await;
+        let expected: Vec<f32> = order.iter().map(|&i| reference[i]).collect();
+        assert_close(&scores, &expected, TOL, what);
+    }
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_get_the_scores_of_sequential_ones() {
+    let documents = golden_documents();
+    let requests: Vec<(String, Vec<String>)> = golden()
+        .cases
+        .iter()
+        .enumerate()
+        .map(|(i, case)| {
+            // Each request: its own query, its own documents plus a slice of the others'.
+            let mut docs = case.documents.clone();
+            docs.extend(documents.iter().skip(i * 3).take(4).cloned());
+            (case.query.clone(), docs)
+        })
+        .collect();
+
+    // A budget small enough that requests share and split batches.
+    let (engine, metrics) = start_engine(256).await;
+    let mut sequential = Vec::new();
+    for (query, docs) in &requests {
+        sequential.push(score(&engine, query, docs).await);
+    }
+    let passes_sequential = metrics.batch_size.get_sample_count();
+
+    let concurrent = within(
+        Duration::from_secs(180),
+        "concurrent requests",
+        futures::future::join_all(requests.iter().map(|(query, docs)| {
+            let engine = engine.clone();
+            let (query, docs) = (query.clone(), docs.clone());
+            tokio::spawn(async move { score(&engine, &query, &docs).await })
+        })),
+    )
+    .await;
+    let passes_concurrent = metrics.batch_size.get_sample_count() - passes_sequential;
+    println!(
+        "{} requests: {passes_sequential} forward passes one at a time, {passes_concurrent} concurrently",
+        requests.len()
+    );
+    for (i, (result, expected)) in concurrent.into_iter().zip(&sequential).enumerate() {
+        let scores = result.expect("request task");
+        assert_close(&scores, expected, TOL, &format!("request {i}"));
+    }
+    engine.shutdown().await;
+}

@@ -1,0 +1,293 @@
+//! The model against the Hugging Face reference (`tests/fixtures/golden.json`, transformers 4.47.1,
+//! f32 on CPU): token ids, scores of `CrossEncoder::score_batch` on the golden ids, and scores through
+//! the `Engine` on the texts, for every golden case. Plus the `Truncation::None` error and a check
+//! that the fixture files are the ones the golden file was computed from.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use candle_core::{DType, Device};
+use common::*;
+use rerank_service::engine::{Engine, EngineConfig, EngineMetrics, ScoreRequest};
+use rerank_service::model::{
+    CrossEncoder, EncodePairsError, ModelConfig, ModelFiles, PairTokenizer, TooLong, Truncation,
+};
+
+/// Golden scores are an f32 reference run; ours must agree this closely.
+const TOL: f32 = 1e-4;
+
+/// Every case `make_golden.py` writes; a case silently dropped from golden.json fails here.
+const EXPECTED_CASES: &[&str] = &[
+    "protein",
+    "multilingual",
+    "emoji",
+    "empty_document",
+    "empty_query",
+    "truncation",
+    "mixed_lengths",
+    "whitespace_and_symbols",
+    "long",
+];
+
+fn load_model(max_positions: usize) -> CrossEncoder {
+    let files = ModelFiles::from_dir(&tiny_model_dir()).expect("tiny model files");
+    let config = ModelConfig::from_file(&files.config).expect("tiny config.json");
+    files
+        .load_model(&config, DType::F32, &Device::Cpu, max_positions)
+        .expect("tiny model loads in f32 on the CPU")
+}
+
+fn tokenizer(max_length: usize) -> PairTokenizer {
+    PairTokenizer::from_file(&tiny_model_dir().join("tokenizer.json"), max_length)
+        .expect("tokenizer.json loads")
+}
+
+fn docs(case: &GoldenCase) -> Vec<&str> {
+    case.documents.iter().map(String::as_str).collect()
+}
+
+fn sha256_of(path: &Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run sha256sum ({e})"));
+    assert!(out.status.success(), "sha256sum {} failed", path.display());
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn fixture_files_are_the_ones_golden_json_was_computed_from() {
+    let text = std::fs::read_to_string(repo_root().join("tests/fixtures/golden.json"))
+        .expect("tests/fixtures/golden.json");
+    let meta: serde_json::Value = serde_json::from_str(&text).expect("golden.json parses");
+    let dir = tiny_model_dir();
+    for (key, file) in [
+        ("model_safetensors_sha256", "model.safetensors"),
+        ("tokenizer_sha256", "tokenizer.json"),
+    ] {
+        let expected = meta[key]
+            .as_str()
+            .unwrap_or_else(|| panic!("golden.json has no `{key}`"));
+        assert_eq!(expected.len(), 64, "golden.json `{key}` is not a sha256");
+        let actual = sha256_of(&dir.join(file));
+        assert_eq!(
+            actual, expected,
+            "tests/fixtures/tiny-model/{file} does not match golden.json `{key}`: \
+             run `make setup` (tokenizer) or `make golden` (model and golden scores)"
+        );
+    }
+}
+
+#[test]
+fn golden_file_covers_every_case() {
+    let golden = golden();
+    let names: Vec<&str> = golden.cases.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, EXPECTED_CASES, "golden.json cases changed");
+    for case in &golden.cases {
+        assert_eq!(case.documents.len(), case.input_ids.len(), "{}", case.name);
+        assert_eq!(case.documents.len(), case.scores.len(), "{}", case.name);
+    }
+    // The properties the cases are there for.
+    let case = |name: &str| golden.cases.iter().find(|c| c.name == name).unwrap();
+    assert!(case("empty_query").query.is_empty());
+    assert!(case("empty_document").documents.iter().any(String::is_empty));
+    assert!(case("emoji").documents.iter().any(|d| !d.is_ascii()));
+    let truncation = case("truncation");
+    assert!(truncation
+        .input_ids
+        .iter()
+        .any(|ids| ids.len() == truncation.max_length));
+    let lengths: Vec<usize> = case("mixed_lengths").input_ids.iter().map(Vec::len).collect();
+    assert!(lengths.iter().max().unwrap() >= &(10 * lengths.iter().min().unwrap()));
+}
+
+#[test]
+fn tokenization_matches_golden_input_ids() {
+    for case in golden().cases {
+        let ids = tokenizer(case.max_length)
+            .encode_pairs(&case.query, &docs(&case), Truncation::End)
+            .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        assert_eq!(ids.len(), case.input_ids.len(), "{}", case.name);
+        for (i, (ours, theirs)) in ids.iter().zip(&case.input_ids).enumerate() {
+            assert_eq!(
+                ours, theirs,
+                "{}: token ids of document {i} differ from the HF tokenizer",
+                case.name
+            );
+            assert_eq!(ours[0], 128_000, "{}: BOS first", case.name);
+            assert_ne!(*ours.last().unwrap(), 128_001, "{}: no EOS", case.name);
+        }
+    }
+}
+
+/// The query half is tokenized once and joined to each document half; that must equal tokenizing
+/// the whole `question:{q} \n \n passage:{d}` string, also for strings the golden cases lack
+/// (queries ending in whitespace, newlines, punctuation, digits; documents starting with them).
+#[test]
+fn split_tokenization_equals_whole_string_tokenization() {
+    let mut plain = tokenizers::Tokenizer::from_file(tiny_model_dir().join("tokenizer.json"))
+        .expect("tokenizer.json");
+    plain.with_padding(None);
+    plain.with_truncation(None).expect("no truncation");
+    let pair = tokenizer(8192);
+    let queries = [
+        "",
+        " ",
+        "plain",
+        "ends with space ",
+        "ends with newline\n",
+        "ends with crlf\r\n",
+        "tab\t",
+        "question?",
+        "digits 12345",
+        "é",
+        "中文查询",
+        "emoji 🍕",
+        "ideographic space\u{3000}",
+        "nbsp\u{a0}",
+        "'s",
+        "<|begin_of_text|>",
+    ];
+    let documents = [
+        "",
+        " ",
+        "\n",
+        "\n\nleading newlines",
+        "  two spaces",
+        "'ll contraction",
+        "123 digits",
+        "!!! punctuation",
+        "ünïcödé",
+        "🍕🍕",
+        "<|end_of_text|>",
+    ];
+    for query in queries {
+        let joined = pair
+            .encode_pairs(query, &documents, Truncation::None)
+            .expect("encode_pairs");
+        for (doc, ids) in documents.iter().zip(&joined) {
+            let whole = plain
+                .encode(format!("question:{query} \n \n passage:{doc}"), true)
+                .expect("encode");
+            assert_eq!(
+                ids.as_slice(),
+                whole.get_ids(),
+                "query {query:?} + document {doc:?}: split tokenization differs"
+            );
+        }
+    }
+}
+
+#[test]
+fn score_batch_on_golden_ids_matches_reference() {
+    let model = load_model(512);
+    for case in golden().cases {
+        let sequences: Vec<&[u32]> = case.input_ids.iter().map(Vec::as_slice).collect();
+        let scores = model
+            .score_batch(&sequences)
+            .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        assert_close(&scores, &case.scores, TOL, &case.name);
+        let worst = scores
+            .iter()
+            .zip(&case.scores)
+            .map(|(a, e)| (a - e).abs())
+            .fold(0.0f32, f32::max);
+        println!("{:<24} max |score - reference| = {worst:.2e}", case.name);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_on_golden_texts_matches_reference() {
+    for case in golden().cases {
+        let engine = within(
+            std::time::Duration::from_secs(60),
+            "engine start",
+            Engine::start(
+                load_model(case.max_length),
+                tokenizer(case.max_length),
+                EngineConfig {
+                    warmup_tokens: 0,
+                    ..EngineConfig::default()
+                },
+                EngineMetrics::detached(),
+            ),
+        )
+        .await
+        .expect("engine starts");
+        let response = within(
+            std::time::Duration::from_secs(60),
+            "engine score",
+            engine.score(ScoreRequest {
+                query: case.query.clone(),
+                documents: case.documents.clone(),
+                ..ScoreRequest::default()
+            }),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        engine.shutdown().await;
+        assert_close(&response.scores, &case.scores, TOL, &case.name);
+        let tokens: usize = case.input_ids.iter().map(Vec::len).sum();
+        assert_eq!(response.tokens, tokens, "{}: tokens read", case.name);
+    }
+}
+
+#[test]
+fn truncate_none_names_the_document_and_its_token_count() {
+    let case = golden()
+        .cases
+        .into_iter()
+        .find(|c| c.name == "truncation")
+        .expect("truncation case");
+    let full: Vec<usize> = tokenizer(8192)
+        .encode_pairs(&case.query, &docs(&case), Truncation::None)
+        .expect("untruncated")
+        .iter()
+        .map(Vec::len)
+        .collect();
+    assert!(full[0] > case.max_length && full[2] <= case.max_length);
+
+    let strict = tokenizer(case.max_length);
+    let err = strict
+        .encode_pairs(&case.query, &docs(&case), Truncation::None)
+        .expect_err("document 0 is too long");
+    let EncodePairsError::TooLong(too_long) = err else {
+        panic!("expected TooLong, got {err}");
+    };
+    assert_eq!(
+        too_long,
+        TooLong {
+            doc_index: 0,
+            tokens: full[0],
+            max_length: case.max_length
+        }
+    );
+    let message = too_long.to_string();
+    assert!(message.contains("document 0"), "{message}");
+    assert!(message.contains(&full[0].to_string()), "{message}");
+
+    // The first offender after a document that fits is named by its own index.
+    let short_first = [case.documents[2].as_str(), case.documents[1].as_str()];
+    match strict.encode_pairs(&case.query, &short_first, Truncation::None) {
+        Err(EncodePairsError::TooLong(t)) => {
+            assert_eq!((t.doc_index, t.tokens), (1, full[1]));
+            assert!(t.to_string().contains("document 1"), "{t}");
+        }
+        other => panic!("expected TooLong for document 1, got {other:?}"),
+    }
+
+    // Exactly max_length tokens fits; one fewer allowed token does not.
+    let exact = tokenizer(full[2])
+        .encode_pairs(&case.query, &[case.documents[2].as_str()], Truncation::None)
+        .expect("a pair of exactly max_length tokens fits");
+    assert_eq!(exact[0].len(), full[2]);
+    assert!(tokenizer(full[2] - 1)
+        .encode_pairs(&case.query, &[case.documents[2].as_str()], Truncation::None)
+        .is_err());
+}
