@@ -46,7 +46,7 @@ $(CARGO_FUZZ):
 	cargo install --quiet --locked cargo-fuzz@0.13.2 --root $(TOOLS)/cargo-fuzz
 
 test-fuzz: $(CARGO_FUZZ)
-	cd fuzz && for target in decode_request parse_json_request; do \
+	set -o pipefail; cd fuzz && for target in decode_request parse_json_request; do \
 		RUSTC_BOOTSTRAP=1 $(CURDIR)/$(CARGO_FUZZ) run $$target --fuzz-dir . -- \
 			-max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 2>&1 | tail -1 || exit 1; \
 	done
