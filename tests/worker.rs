@@ -354,3 +354,45 @@ async fn service_discovery_reports_model_metadata() {
     assert_eq!(info["metadata"]["model_loaded"], "true");
     assert_eq!(info["metadata"]["max_length"], "512");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stuck_model_step_respects_deadlines_and_skips_abandoned_work() {
+    let nats = NatsServer::start();
+    let worker = WorkerProcess::start(&nats.url(), &["--fault-batch-delay-ms", "800"]);
+    let client = connect(&nats.url()).await;
+    let pairs_scored = || {
+        let (_, m) = http_get(worker.health_port, "/metrics").expect("metrics");
+        metric_sum(&m, "rerank_pairs_total")
+    };
+    let before = pairs_scored();
+    // A occupies the (slow) device; B and C queue behind it with deadlines that pass meanwhile.
+    let occupy = {
+        let client = client.clone();
+        tokio::spawn(async move { rerank(&client, &request("a", &["x", "y"])).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let mut late = request("b", &["p", "q", "r"]);
+    late.deadline_ms = Some(now_ms + 300);
+    let mut late_tasks = Vec::new();
+    for _ in 0..2 {
+        let client = client.clone();
+        let late = late.clone();
+        late_tasks.push(tokio::spawn(async move { rerank(&client, &late).await }));
+    }
+    for task in late_tasks {
+        match within(Duration::from_secs(10), "late reply", task).await.unwrap() {
+            ReplyBody::Err(e) => assert_eq!(e.error.code, ErrorCode::DeadlineExceeded),
+            ok => panic!("expected deadline_exceeded, got {ok:?}"),
+        }
+    }
+    assert!(matches!(
+        within(Duration::from_secs(10), "occupying reply", occupy).await.unwrap(),
+        ReplyBody::Ok(_)
+    ));
+    // Only A's two pairs reached the device; the abandoned requests cost nothing.
+    assert_eq!(pairs_scored() - before, 2.0);
+}

@@ -62,6 +62,9 @@ pub struct EngineArgs {
     /// Largest share of padding in one forward pass before a length-sorted batch is split.
     #[arg(long, env = "RERANK_MAX_PADDING", default_value_t = 0.2)]
     pub max_padding: f64,
+    /// Fault injection (drills and tests only): milliseconds added to every forward pass.
+    #[arg(long, env = "RERANK_FAULT_BATCH_DELAY_MS", default_value_t = 0, hide = true)]
+    pub fault_batch_delay_ms: u64,
     /// Tokens of the warm-up forward pass before reporting ready (default: one full batch on a
     /// GPU, 512 on the CPU).
     #[arg(long, env = "RERANK_WARMUP_TOKENS")]
@@ -82,6 +85,7 @@ impl EngineArgs {
             max_queue_pairs: self.max_queue_pairs,
             max_documents: self.max_documents,
             max_padding: self.max_padding.clamp(0.0, 1.0),
+            fault_batch_delay: std::time::Duration::from_millis(self.fault_batch_delay_ms),
             warmup_tokens: self.warmup_tokens.unwrap_or(if on_gpu {
                 self.max_batch_tokens
             } else {

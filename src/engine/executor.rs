@@ -48,6 +48,7 @@ pub struct Executor {
     pub model: CrossEncoder,
     pub max_batch_tokens: usize,
     pub max_padding: f64,
+    pub fault_batch_delay: std::time::Duration,
     pub metrics: EngineMetrics,
 }
 
@@ -62,6 +63,15 @@ impl Executor {
 
     fn run_batch(&self, mut batch: Batch) {
         let now = Instant::now();
+        // The batch may have waited in the prefetch slot: drop what expired or was abandoned
+        // meanwhile, so a caller who gave up costs no compute.
+        batch.pairs.retain(|pair| {
+            let dead = pair.request.is_dead(now);
+            if dead {
+                pair.request.abandon(now);
+            }
+            !dead
+        });
         for pair in &batch.pairs {
             pair.request.scheduled(now);
         }
@@ -83,6 +93,9 @@ impl Executor {
             }
             let _enter = span.enter();
             let started = Instant::now();
+            if !self.fault_batch_delay.is_zero() {
+                std::thread::sleep(self.fault_batch_delay);
+            }
             let sequences: Vec<&[u32]> = pairs.iter().map(|p| p.ids.as_slice()).collect();
             let result = self.model.score_batch(&sequences);
             self.metrics

@@ -43,6 +43,9 @@ pub struct EngineConfig {
     /// Largest share of padding tolerated in one forward pass before the length-sorted batch is
     /// split (smaller passes cost launches on a GPU; padding costs FLOPs everywhere).
     pub max_padding: f64,
+    /// Fault injection for tests and drills: extra time spent on every forward pass (a slow or
+    /// stuck device). Zero in production.
+    pub fault_batch_delay: Duration,
     /// Tokens of the warm-up forward pass run before `Ready` (TEI warms up with a full batch so an
     /// out-of-memory shows at boot, not under load). 0 skips it.
     pub warmup_tokens: usize,
@@ -55,6 +58,7 @@ impl Default for EngineConfig {
             max_queue_pairs: 4_096,
             max_documents: 1_000,
             max_padding: 0.2,
+            fault_batch_delay: Duration::ZERO,
             warmup_tokens: 512,
         }
     }
@@ -132,6 +136,7 @@ impl Engine {
             model,
             max_batch_tokens: config.max_batch_tokens,
             max_padding: config.max_padding,
+            fault_batch_delay: config.fault_batch_delay,
             metrics: metrics.clone(),
         };
         let warmup_tokens = config.warmup_tokens.min(config.max_batch_tokens);
