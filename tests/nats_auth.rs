@@ -13,9 +13,13 @@ use rerank_service::nats::NatsConfig;
 use rerank_service::wire::{self, ReplyBody, RerankRequest};
 
 async fn served_through(config: NatsConfig) {
-    let client = within(Duration::from_secs(10), "authenticated connect", config.connect())
-        .await
-        .expect("connect with credentials");
+    let client = within(
+        Duration::from_secs(10),
+        "authenticated connect",
+        config.connect(),
+    )
+    .await
+    .expect("connect with credentials");
     let request = RerankRequest {
         query: "q".into(),
         documents: vec!["a".into()],
@@ -28,7 +32,10 @@ async fn served_through(config: NatsConfig) {
     )
     .await
     .expect("reply");
-    assert!(matches!(wire::decode_reply(&reply.payload).unwrap(), ReplyBody::Ok(_)));
+    assert!(matches!(
+        wire::decode_reply(&reply.payload).unwrap(),
+        ReplyBody::Ok(_)
+    ));
 }
 
 /// A worker given `args` must fail to start (non-zero exit) and say why on stderr.
@@ -41,7 +48,10 @@ fn worker_refused(url: &str, args: &[&str]) -> String {
         .args(args)
         .output()
         .expect("run worker");
-    assert!(!output.status.success(), "worker started with bad credentials");
+    assert!(
+        !output.status.success(),
+        "worker started with bad credentials"
+    );
     String::from_utf8_lossy(&output.stderr).to_string()
 }
 
@@ -56,7 +66,10 @@ async fn token_auth() {
     .await;
     let stderr = worker_refused(&nats.url(), &["--nats-token", "wrong"]);
     assert!(stderr.contains("NATS"), "{stderr}");
-    assert!(!stderr.contains("wrong"), "the secret leaked into the error: {stderr}");
+    assert!(
+        !stderr.contains("wrong"),
+        "the secret leaked into the error: {stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -72,7 +85,10 @@ async fn user_password_auth() {
         ..NatsConfig::new(nats.url())
     })
     .await;
-    worker_refused(&nats.url(), &["--nats-user", "rerank", "--nats-password", "nope"]);
+    worker_refused(
+        &nats.url(),
+        &["--nats-user", "rerank", "--nats-password", "nope"],
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -107,11 +123,58 @@ fn make_pki(dir: &Path) {
             .expect("openssl is installed");
         assert!(status.success(), "openssl {args:?}");
     };
-    run(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=test-ca"]);
-    for (name, ext) in [("server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth"), ("client", "extendedKeyUsage=clientAuth")] {
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+    ]);
+    for (name, ext) in [
+        (
+            "server",
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth",
+        ),
+        ("client", "extendedKeyUsage=clientAuth"),
+    ] {
         std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
-        run(&["req", "-newkey", "rsa:2048", "-nodes", "-keyout", &format!("{name}.key"), "-out", &format!("{name}.csr"), "-subj", &format!("/CN={name}")]);
-        run(&["x509", "-req", "-in", &format!("{name}.csr"), "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", &format!("{name}.pem"), "-days", "2", "-extfile", &format!("{name}.ext")]);
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            &format!("/CN={name}"),
+        ]);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &format!("{name}.pem"),
+            "-days",
+            "2",
+            "-extfile",
+            &format!("{name}.ext"),
+        ]);
     }
 }
 
@@ -130,7 +193,14 @@ async fn tls_and_mutual_tls() {
     let (ca, cert, key) = (p("ca.pem"), p("client.pem"), p("client.key"));
     let _worker = WorkerProcess::start(
         &nats.url(),
-        &["--nats-tls-ca", &ca, "--nats-tls-cert", &cert, "--nats-tls-key", &key],
+        &[
+            "--nats-tls-ca",
+            &ca,
+            "--nats-tls-cert",
+            &cert,
+            "--nats-tls-key",
+            &key,
+        ],
     );
     served_through(NatsConfig {
         tls_ca: Some(ca.clone().into()),

@@ -69,10 +69,30 @@ fn examples() -> Vec<(&'static str, &'static str, serde_json::Value, Vec<u8>)> {
         "document 7 has 9120 tokens with the query; max_length is 8192 and truncate is NONE",
     );
     vec![
-        ("request-minimal.msgpack", "rerank-request.v1.schema.json", serde_json::to_value(&minimal).unwrap(), wire::encode(&minimal)),
-        ("request-full.msgpack", "rerank-request.v1.schema.json", serde_json::to_value(&full).unwrap(), wire::encode(&full)),
-        ("reply.msgpack", "rerank-reply.v1.schema.json", serde_json::to_value(&reply).unwrap(), wire::encode(&reply)),
-        ("error.msgpack", "rerank-error.v1.schema.json", serde_json::to_value(&error).unwrap(), wire::encode(&error)),
+        (
+            "request-minimal.msgpack",
+            "rerank-request.v1.schema.json",
+            serde_json::to_value(&minimal).unwrap(),
+            wire::encode(&minimal),
+        ),
+        (
+            "request-full.msgpack",
+            "rerank-request.v1.schema.json",
+            serde_json::to_value(&full).unwrap(),
+            wire::encode(&full),
+        ),
+        (
+            "reply.msgpack",
+            "rerank-reply.v1.schema.json",
+            serde_json::to_value(&reply).unwrap(),
+            wire::encode(&reply),
+        ),
+        (
+            "error.msgpack",
+            "rerank-error.v1.schema.json",
+            serde_json::to_value(&error).unwrap(),
+            wire::encode(&error),
+        ),
     ]
 }
 
@@ -99,8 +119,14 @@ fn golden_msgpack_examples_validate_and_decode() {
         .unwrap();
         let validator = jsonschema::validator_for(&schema).expect("schema compiles");
         let as_json = msgpack_to_json(&bytes);
-        let errors: Vec<String> = validator.iter_errors(&as_json).map(|e| e.to_string()).collect();
-        assert!(errors.is_empty(), "{file} violates {schema_file}: {errors:?}");
+        let errors: Vec<String> = validator
+            .iter_errors(&as_json)
+            .map(|e| e.to_string())
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "{file} violates {schema_file}: {errors:?}"
+        );
         // Floats go through f32, so compare after the same JSON round trip.
         assert_eq!(as_json, expected_json, "{file}");
     }
@@ -124,7 +150,10 @@ fn schemas_reject_what_the_decoder_rejects() {
     for value in bad {
         assert!(!validator.is_valid(&value), "schema accepted {value}");
         let bytes = rmp_serde::to_vec_named(&value).unwrap();
-        assert!(wire::decode_request(&bytes).is_err(), "decoder accepted {value}");
+        assert!(
+            wire::decode_request(&bytes).is_err(),
+            "decoder accepted {value}"
+        );
     }
     // Unknown fields are allowed by both (forward compatibility within v1).
     let extra = serde_json::json!({"query": "q", "documents": ["a"], "future": true});

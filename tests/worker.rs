@@ -10,9 +10,13 @@ use common::*;
 use rerank_service::wire::{self, ErrorCode, ReplyBody, RerankRequest, Truncate};
 
 async fn connect(url: &str) -> async_nats::Client {
-    within(Duration::from_secs(10), "connect to nats", async_nats::connect(url))
-        .await
-        .expect("connect")
+    within(
+        Duration::from_secs(10),
+        "connect to nats",
+        async_nats::connect(url),
+    )
+    .await
+    .expect("connect")
 }
 
 async fn request_raw(client: &async_nats::Client, payload: Vec<u8>) -> async_nats::Message {
@@ -123,19 +127,48 @@ async fn malformed_payloads_get_typed_errors_and_the_worker_keeps_serving() {
     too_long.truncate = Some(Truncate::None);
 
     let cases: Vec<(&str, Vec<u8>, ErrorCode)> = vec![
-        ("garbage bytes", b"\xc1\xc1not msgpack".to_vec(), ErrorCode::InvalidRequest),
+        (
+            "garbage bytes",
+            b"\xc1\xc1not msgpack".to_vec(),
+            ErrorCode::InvalidRequest,
+        ),
         ("empty body", vec![], ErrorCode::InvalidRequest),
-        ("wrong types", rmp_serde::to_vec_named(&WrongTypes { query: 1, documents: "x" }).unwrap(), ErrorCode::InvalidRequest),
-        ("missing documents", rmp_serde::to_vec_named(&MissingDocuments { query: "q" }).unwrap(), ErrorCode::InvalidRequest),
+        (
+            "wrong types",
+            rmp_serde::to_vec_named(&WrongTypes {
+                query: 1,
+                documents: "x",
+            })
+            .unwrap(),
+            ErrorCode::InvalidRequest,
+        ),
+        (
+            "missing documents",
+            rmp_serde::to_vec_named(&MissingDocuments { query: "q" }).unwrap(),
+            ErrorCode::InvalidRequest,
+        ),
         ("invalid utf-8", invalid_utf8, ErrorCode::InvalidRequest),
-        ("10 000 documents", wire::encode(&too_many), ErrorCode::TooManyDocuments),
-        ("5 MB document, truncate NONE", wire::encode(&too_long), ErrorCode::DocumentTooLong),
+        (
+            "10 000 documents",
+            wire::encode(&too_many),
+            ErrorCode::TooManyDocuments,
+        ),
+        (
+            "5 MB document, truncate NONE",
+            wire::encode(&too_long),
+            ErrorCode::DocumentTooLong,
+        ),
     ];
     for (name, payload, expected) in cases {
         let message = request_raw(&client, payload).await;
-        let headers = message.headers.as_ref().unwrap_or_else(|| panic!("{name}: no error headers"));
+        let headers = message
+            .headers
+            .as_ref()
+            .unwrap_or_else(|| panic!("{name}: no error headers"));
         assert_eq!(
-            headers.get(wire::HEADER_SERVICE_ERROR_CODE).map(|v| v.as_str().to_string()),
+            headers
+                .get(wire::HEADER_SERVICE_ERROR_CODE)
+                .map(|v| v.as_str().to_string()),
             Some(expected.status().to_string()),
             "{name}"
         );
@@ -150,7 +183,10 @@ async fn malformed_payloads_get_typed_errors_and_the_worker_keeps_serving() {
     };
     assert_eq!(reply.usage.tokens, 512);
     // Still serving.
-    assert!(matches!(rerank(&client, &request("q", &["d"])).await, ReplyBody::Ok(_)));
+    assert!(matches!(
+        rerank(&client, &request("q", &["d"])).await,
+        ReplyBody::Ok(_)
+    ));
 }
 
 /// A caller that retries what is safe to retry (no responders, timeouts, overloaded), as the
@@ -165,12 +201,11 @@ async fn rerank_with_retries(client: &async_nats::Client, request: &RerankReques
                     .timeout(Some(Duration::from_secs(5))),
             )
             .await;
-        match sent {
-            Ok(message) => match wire::decode_reply(&message.payload).expect("decodes") {
+        if let Ok(message) = sent {
+            match wire::decode_reply(&message.payload).expect("decodes") {
                 ReplyBody::Err(e) if e.error.code.is_retryable() => {}
                 reply => return reply,
-            },
-            Err(_) => {}
+            }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -203,9 +238,14 @@ async fn queue_group_shares_work_and_sigkill_loses_nothing_for_a_retrying_caller
     tokio::time::sleep(Duration::from_millis(300)).await;
     second.child.kill().expect("SIGKILL");
     let mut answered = 0;
-    while let Some(result) = within(Duration::from_secs(120), "all requests", tasks.join_next()).await {
+    while let Some(result) =
+        within(Duration::from_secs(120), "all requests", tasks.join_next()).await
+    {
         let (i, reply) = result.expect("task");
-        assert!(matches!(reply, ReplyBody::Ok(_)), "request {i} failed: {reply:?}");
+        assert!(
+            matches!(reply, ReplyBody::Ok(_)),
+            "request {i} failed: {reply:?}"
+        );
         answered += 1;
     }
     assert_eq!(answered, 60);
@@ -234,7 +274,10 @@ async fn both_queue_group_members_take_work() {
     for worker in &workers {
         let (_, metrics) = http_get(worker.health_port, "/metrics").expect("metrics");
         let served = metric_sum(&metrics, "rerank_requests_total");
-        assert!(served >= 1.0, "a queue-group member took no work:\n{metrics}");
+        assert!(
+            served >= 1.0,
+            "a queue-group member took no work:\n{metrics}"
+        );
     }
 }
 
@@ -264,13 +307,27 @@ async fn sigterm_answers_every_accepted_request_and_exits_zero() {
     })
     .await;
     worker.signal("TERM");
-    while let Some(r) = within(Duration::from_secs(120), "drained replies", tasks.join_next()).await {
-        assert!(matches!(r.unwrap(), ReplyBody::Ok(_)), "an accepted request was not answered");
+    while let Some(r) = within(
+        Duration::from_secs(120),
+        "drained replies",
+        tasks.join_next(),
+    )
+    .await
+    {
+        assert!(
+            matches!(r.unwrap(), ReplyBody::Ok(_)),
+            "an accepted request was not answered"
+        );
     }
     assert_eq!(worker.wait_exit(Duration::from_secs(30)), Some(0));
     // Nobody serves the subject any more: no responders, not a hang.
-    let after = client.request(wire::SUBJECT_V1, Bytes::from(wire::encode(&req))).await;
-    assert!(matches!(after.map_err(|e| e.kind()), Err(async_nats::RequestErrorKind::NoResponders)));
+    let after = client
+        .request(wire::SUBJECT_V1, Bytes::from(wire::encode(&req)))
+        .await;
+    assert!(matches!(
+        after.map_err(|e| e.kind()),
+        Err(async_nats::RequestErrorKind::NoResponders)
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -278,7 +335,14 @@ async fn overload_is_refused_fast_and_accepted_requests_complete() {
     let nats = NatsServer::start();
     let _worker = WorkerProcess::start(
         &nats.url(),
-        &["--max-queue-pairs", "4", "--max-documents", "4", "--max-inflight-requests", "8"],
+        &[
+            "--max-queue-pairs",
+            "4",
+            "--max-documents",
+            "4",
+            "--max-inflight-requests",
+            "8",
+        ],
     );
     let client = connect(&nats.url()).await;
     let docs = long_documents(4, 200);
@@ -384,13 +448,18 @@ async fn a_stuck_model_step_respects_deadlines_and_skips_abandoned_work() {
         late_tasks.push(tokio::spawn(async move { rerank(&client, &late).await }));
     }
     for task in late_tasks {
-        match within(Duration::from_secs(10), "late reply", task).await.unwrap() {
+        match within(Duration::from_secs(10), "late reply", task)
+            .await
+            .unwrap()
+        {
             ReplyBody::Err(e) => assert_eq!(e.error.code, ErrorCode::DeadlineExceeded),
             ok => panic!("expected deadline_exceeded, got {ok:?}"),
         }
     }
     assert!(matches!(
-        within(Duration::from_secs(10), "occupying reply", occupy).await.unwrap(),
+        within(Duration::from_secs(10), "occupying reply", occupy)
+            .await
+            .unwrap(),
         ReplyBody::Ok(_)
     ));
     // Only A's two pairs reached the device; the abandoned requests cost nothing.

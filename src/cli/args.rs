@@ -63,7 +63,12 @@ pub struct EngineArgs {
     #[arg(long, env = "RERANK_MAX_PADDING", default_value_t = 0.2)]
     pub max_padding: f64,
     /// Fault injection (drills and tests only): milliseconds added to every forward pass.
-    #[arg(long, env = "RERANK_FAULT_BATCH_DELAY_MS", default_value_t = 0, hide = true)]
+    #[arg(
+        long,
+        env = "RERANK_FAULT_BATCH_DELAY_MS",
+        default_value_t = 0,
+        hide = true
+    )]
     pub fault_batch_delay_ms: u64,
     /// Tokens of the warm-up forward pass before reporting ready (default: one full batch on a
     /// GPU, 512 on the CPU).
@@ -73,7 +78,10 @@ pub struct EngineArgs {
 
 impl EngineArgs {
     pub fn to_config(&self, on_gpu: bool) -> anyhow::Result<EngineConfig> {
-        anyhow::ensure!(self.max_batch_tokens > 0, "--max-batch-tokens must be positive");
+        anyhow::ensure!(
+            self.max_batch_tokens > 0,
+            "--max-batch-tokens must be positive"
+        );
         anyhow::ensure!(
             self.max_documents <= self.max_queue_pairs,
             "--max-documents ({}) must not exceed --max-queue-pairs ({}), or the largest requests could never be admitted",

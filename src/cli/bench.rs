@@ -200,7 +200,9 @@ where
             let mut outcomes = Vec::new();
             loop {
                 let next = queue.lock().unwrap_or_else(|e| e.into_inner()).next();
-                let Some((query, documents)) = next else { break };
+                let Some((query, documents)) = next else {
+                    break;
+                };
                 outcomes.push(call(query, documents).await);
             }
             outcomes
@@ -222,7 +224,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let report = match args.mode {
         BenchMode::Engine => {
             let metrics = EngineMetrics::detached();
-            let config = args.engine.to_config(!args.model.device.starts_with("cpu"))?;
+            let config = args
+                .engine
+                .to_config(!args.model.device.starts_with("cpu"))?;
             let (engine, info) = start_engine(&args.model, config, metrics.clone()).await?;
             let call = engine_call(engine.clone());
             run_callers(warmup, args.concurrency, call.clone()).await;
@@ -260,7 +264,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 .connect()
                 .await
                 .context("bench needs a NATS server with workers")?;
-            let call = nats_call(client, args.nats.subject.clone(), Duration::from_secs(args.timeout));
+            let call = nats_call(
+                client,
+                args.nats.subject.clone(),
+                Duration::from_secs(args.timeout),
+            );
             run_callers(warmup, args.concurrency, call.clone()).await;
             let (outcomes, elapsed) = run_callers(measured, args.concurrency, call).await;
             summarize(&args, "remote", "remote", outcomes, elapsed)
@@ -272,7 +280,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
 fn engine_call(
     engine: Engine,
-) -> impl Fn(String, Vec<String>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send>>
+) -> impl Fn(
+    String,
+    Vec<String>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send>>
        + Clone
        + Send
        + Sync
@@ -299,7 +310,10 @@ fn nats_call(
     client: async_nats::Client,
     subject: String,
     timeout: Duration,
-) -> impl Fn(String, Vec<String>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send>>
+) -> impl Fn(
+    String,
+    Vec<String>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send>>
        + Clone
        + Send
        + Sync
@@ -324,7 +338,9 @@ fn nats_call(
                 .await
                 .ok()?;
             match wire::decode_reply(&message.payload).ok()? {
-                ReplyBody::Ok(reply) => Some((started.elapsed(), reply.usage.pairs, reply.usage.tokens)),
+                ReplyBody::Ok(reply) => {
+                    Some((started.elapsed(), reply.usage.pairs, reply.usage.tokens))
+                }
                 ReplyBody::Err(_) => None,
             }
         })

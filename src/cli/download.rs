@@ -19,6 +19,13 @@ pub async fn run(args: DownloadArgs) -> anyhow::Result<()> {
     // Parse the config now so a wrong revision fails the Job, not the worker.
     ModelConfig::from_file(&files.config)?;
     tracing::info!(config = %files.config.display(), shards = files.weights.len(), "model files present");
-    println!("{}", files.config.parent().map(|p| p.display().to_string()).unwrap_or_default());
+    println!(
+        "{}",
+        files
+            .config
+            .parent()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    );
     Ok(())
 }

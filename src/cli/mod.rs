@@ -35,7 +35,8 @@ impl Cli {
             Command::Score(args) => score::run(args).await,
             Command::Bench(args) => bench::run(args).await,
             Command::Download(args) => {
-                let _guard = crate::telemetry::init("rerank-download", crate::telemetry::LogFormat::Text)?;
+                let _guard =
+                    crate::telemetry::init("rerank-download", crate::telemetry::LogFormat::Text)?;
                 download::run(args).await
             }
             Command::Worker(args) => {

@@ -40,8 +40,9 @@ pub async fn run(args: ScoreArgs) -> anyhow::Result<()> {
         .read_to_end(&mut raw)
         .context("cannot read stdin")?;
     let text = String::from_utf8(raw).context("stdin is not valid UTF-8")?;
-    let input: Input = serde_json::from_str(&text)
-        .context("stdin must be one JSON object {\"query\": string, \"documents\": [string, ...]}")?;
+    let input: Input = serde_json::from_str(&text).context(
+        "stdin must be one JSON object {\"query\": string, \"documents\": [string, ...]}",
+    )?;
     let pairs = input.documents.len().max(1);
     let config = EngineConfig {
         max_documents: pairs,

@@ -58,10 +58,14 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let probe_server = tokio::spawn(async move { axum::serve(listener, probe_router).await });
 
     let stop = crate::shutdown::signal();
-    let config = args.engine.to_config(!args.model.device.starts_with("cpu"))?;
+    let config = args
+        .engine
+        .to_config(!args.model.device.starts_with("cpu"))?;
     let (engine, info) = start_engine(&args.model, config, engine_metrics).await?;
     let config = WorkerConfig {
-        nats: args.nats.to_config(&format!("rerank-worker-{}", std::process::id())),
+        nats: args
+            .nats
+            .to_config(&format!("rerank-worker-{}", std::process::id())),
         subject: args.nats.subject.clone(),
         queue_group: args.queue_group.clone(),
         max_inflight_requests: args.max_inflight_requests,

@@ -8,7 +8,9 @@ pub enum EngineError {
     TooManyDocuments { count: usize, max: usize },
     #[error(transparent)]
     DocumentTooLong(#[from] TooLong),
-    #[error("the queue holds {queued} of {capacity} pairs; {requested} more do not fit, retry later")]
+    #[error(
+        "the queue holds {queued} of {capacity} pairs; {requested} more do not fit, retry later"
+    )]
     Overloaded {
         queued: usize,
         requested: usize,

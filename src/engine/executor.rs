@@ -26,9 +26,9 @@ pub fn mini_batches(
     let mut ranges = Vec::new();
     let mut start = 0;
     let mut real = 0usize;
-    for i in 0..pairs.len() {
+    for (i, pair) in pairs.iter().enumerate() {
         // Sorted ascending, so pair i is the longest of [start, i].
-        let len = pairs[i].ids.len();
+        let len = pair.ids.len();
         let padded = (i + 1 - start) * len;
         let waste = (padded - (real + len)) as f64 / padded.max(1) as f64;
         if i > start && (padded > max_batch_tokens || waste > max_padding) {

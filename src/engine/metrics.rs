@@ -25,12 +25,30 @@ impl EngineMetrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let m = Self {
             queue_pairs: names::gauge(names::QUEUE_PAIRS, "Pairs waiting in the batch queue")?,
-            queue_wait: names::seconds(names::QUEUE_WAIT_SECONDS, "Time a request waits before its first pair reaches the device")?,
+            queue_wait: names::seconds(
+                names::QUEUE_WAIT_SECONDS,
+                "Time a request waits before its first pair reaches the device",
+            )?,
             tokenize: names::seconds(names::TOKENIZE_SECONDS, "Tokenization time per request")?,
-            inference: names::seconds(names::INFERENCE_SECONDS, "Forward-pass time per mini-batch")?,
-            batch_size: names::counts(names::BATCH_SIZE, "Pairs per mini-batch", &names::BATCH_SIZE_BUCKETS)?,
-            batch_tokens: names::counts(names::BATCH_TOKENS, "Real tokens per mini-batch", &names::TOKEN_BUCKETS)?,
-            batch_padded_tokens: names::counts(names::BATCH_PADDED_TOKENS, "Padded tokens (rows x longest) per mini-batch", &names::TOKEN_BUCKETS)?,
+            inference: names::seconds(
+                names::INFERENCE_SECONDS,
+                "Forward-pass time per mini-batch",
+            )?,
+            batch_size: names::counts(
+                names::BATCH_SIZE,
+                "Pairs per mini-batch",
+                &names::BATCH_SIZE_BUCKETS,
+            )?,
+            batch_tokens: names::counts(
+                names::BATCH_TOKENS,
+                "Real tokens per mini-batch",
+                &names::TOKEN_BUCKETS,
+            )?,
+            batch_padded_tokens: names::counts(
+                names::BATCH_PADDED_TOKENS,
+                "Padded tokens (rows x longest) per mini-batch",
+                &names::TOKEN_BUCKETS,
+            )?,
             pairs: names::counter(names::PAIRS_TOTAL, "Pairs scored")?,
             tokens: names::counter(names::TOKENS_TOTAL, "Tokens read by the model")?,
         };

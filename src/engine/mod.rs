@@ -154,7 +154,11 @@ impl Engine {
         match warm_rx.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(EngineError::Model(format!("warm-up failed: {e}"))),
-            Err(_) => return Err(EngineError::Model("the executor thread died during warm-up".into())),
+            Err(_) => {
+                return Err(EngineError::Model(
+                    "the executor thread died during warm-up".into(),
+                ))
+            }
         }
         let inner = Arc::new(Inner {
             tokenizer: Arc::new(tokenizer),
@@ -231,7 +235,8 @@ impl Engine {
 
         // 2. Admission: all pairs or none; a full queue refuses at once.
         let admitted = Instant::now();
-        let (pending, reply) = PendingRequest::new(count, request.deadline, tracing::Span::current());
+        let (pending, reply) =
+            PendingRequest::new(count, request.deadline, tracing::Span::current());
         {
             let mut queue = inner.lock_queue();
             queue
@@ -268,7 +273,11 @@ impl Engine {
         inner.closing.store(true, Ordering::Release);
         inner.state.send_replace(EngineState::Draining);
         inner.work_available.notify_one();
-        let threads = inner.threads.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let threads = inner
+            .threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         if let Some((thread, batcher)) = threads {
             let _ = batcher.await;
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;

@@ -37,9 +37,12 @@ pub struct QueueFull {
     pub capacity: usize,
 }
 
+/// One admitted request and its pairs not yet batched: (doc_index, token ids).
+type QueuedRequest = (Arc<PendingRequest>, VecDeque<(usize, Vec<u32>)>);
+
 #[derive(Debug)]
 pub struct PairQueue {
-    requests: VecDeque<(Arc<PendingRequest>, VecDeque<(usize, Vec<u32>)>)>,
+    requests: VecDeque<QueuedRequest>,
     queued_pairs: usize,
     capacity: usize,
 }
@@ -148,7 +151,13 @@ mod tests {
         let mut q = PairQueue::new(3);
         q.try_push(request(2, None), seqs(&[1, 1])).unwrap();
         let full = q.try_push(request(2, None), seqs(&[1, 1])).unwrap_err();
-        assert_eq!(full, QueueFull { queued: 2, capacity: 3 });
+        assert_eq!(
+            full,
+            QueueFull {
+                queued: 2,
+                capacity: 3
+            }
+        );
         assert_eq!(q.queued_pairs(), 2);
         q.try_push(request(1, None), seqs(&[1])).unwrap();
         assert_eq!(q.queued_pairs(), 3);
@@ -165,7 +174,10 @@ mod tests {
         assert_eq!(b.real_tokens(), 8);
         let b = q.next_batch(10, now).unwrap();
         // The last pair of request 1 then both of request 2 (4 + 3 + 3 = 10 fits exactly).
-        assert_eq!(b.pairs.iter().map(|p| p.doc_index).collect::<Vec<_>>(), vec![2, 0, 1]);
+        assert_eq!(
+            b.pairs.iter().map(|p| p.doc_index).collect::<Vec<_>>(),
+            vec![2, 0, 1]
+        );
         assert!(q.next_batch(10, now).is_none());
         assert!(q.is_empty());
     }
@@ -189,9 +201,7 @@ mod tests {
         drop(gone_rx);
         q.try_push(gone, seqs(&[1])).unwrap();
         q.try_push(request(1, None), seqs(&[1])).unwrap();
-        let b = q
-            .next_batch(10, now + Duration::from_millis(1))
-            .unwrap();
+        let b = q.next_batch(10, now + Duration::from_millis(1)).unwrap();
         assert_eq!(b.pairs.len(), 1);
         assert!(q.is_empty());
         assert!(matches!(

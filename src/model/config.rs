@@ -142,13 +142,13 @@ impl ModelConfig {
             ));
         }
         let kv = self.num_key_value_heads();
-        if kv == 0 || self.num_attention_heads % kv != 0 {
+        if kv == 0 || !self.num_attention_heads.is_multiple_of(kv) {
             return Err(bad(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {kv}",
                 self.num_attention_heads
             )));
         }
-        if self.head_dim() % 2 != 0 || self.head_dim() == 0 {
+        if !self.head_dim().is_multiple_of(2) || self.head_dim() == 0 {
             return Err(bad(format!(
                 "head_dim {} must be even and positive for rotary embeddings",
                 self.head_dim()
@@ -195,12 +195,15 @@ impl ModelConfig {
             "default" => Ok(None),
             "llama3" => {
                 let field = |name: &str| -> Result<f64, ModelError> {
-                    value.get(name).and_then(|v| v.as_f64()).ok_or_else(|| {
-                        ModelError::Config {
+                    value
+                        .get(name)
+                        .and_then(|v| v.as_f64())
+                        .ok_or_else(|| ModelError::Config {
                             path: Default::default(),
-                            message: format!("rope_scaling of type llama3 needs a numeric `{name}`"),
-                        }
-                    })
+                            message: format!(
+                                "rope_scaling of type llama3 needs a numeric `{name}`"
+                            ),
+                        })
                 };
                 let scaling = Llama3RopeScaling {
                     factor: field("factor")?,
@@ -229,6 +232,7 @@ impl ModelConfig {
     }
 
     /// The full-size `nvidia/llama-nemotron-rerank-1b-v2` configuration, for `--random-weights`.
+    #[allow(clippy::expect_used)]
     pub fn nemotron_rerank_1b_v2() -> Self {
         serde_json::from_value(serde_json::json!({
             "model_type": "llama_bidirec",
@@ -289,9 +293,13 @@ mod tests {
 
     #[test]
     fn unknown_values_are_named() {
-        let e = with(serde_json::json!({"pooling": "cls"})).unwrap_err().to_string();
+        let e = with(serde_json::json!({"pooling": "cls"}))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("pooling `cls`"), "{e}");
-        let e = with(serde_json::json!({"model_type": "bert"})).unwrap_err().to_string();
+        let e = with(serde_json::json!({"model_type": "bert"}))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("model_type `bert`"), "{e}");
         let e = with(serde_json::json!({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}))
             .unwrap_err()
@@ -317,9 +325,13 @@ mod tests {
         assert_eq!(c.num_key_value_heads(), 2);
         assert_eq!(c.head_dim(), 4);
         assert_eq!(c.temperature, 1.0);
-        let e = with(serde_json::json!({"num_key_value_heads": 3})).unwrap_err().to_string();
+        let e = with(serde_json::json!({"num_key_value_heads": 3}))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("multiple"), "{e}");
-        let e = with(serde_json::json!({"temperature": 0.0})).unwrap_err().to_string();
+        let e = with(serde_json::json!({"temperature": 0.0}))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("temperature"), "{e}");
     }
 }

@@ -8,7 +8,10 @@ pub enum ModelError {
     #[error("model directory {0} does not exist (pass a local directory in Hugging Face layout or a Hub repo id like `org/name`)")]
     NotFound(PathBuf),
     #[error("{path} is missing from the model ({context})")]
-    MissingFile { path: PathBuf, context: &'static str },
+    MissingFile {
+        path: PathBuf,
+        context: &'static str,
+    },
     #[error("cannot read {path}: {source}")]
     Io {
         path: PathBuf,

@@ -192,9 +192,9 @@ impl DecoderLayer {
         sin: &Tensor,
         key_mask: &Tensor,
     ) -> candle_core::Result<Tensor> {
-        let attn = self
-            .self_attn
-            .forward(&self.input_layernorm.forward(xs)?, cos, sin, key_mask)?;
+        let attn =
+            self.self_attn
+                .forward(&self.input_layernorm.forward(xs)?, cos, sin, key_mask)?;
         let xs = (xs + attn)?;
         let mlp = self
             .mlp

@@ -73,7 +73,9 @@ impl ModelFiles {
             let cache = hf_hub::Cache::from_env().repo(hf_repo);
             let get = |name: &str| {
                 cache.get(name).ok_or_else(|| {
-                    hub_error(format!("{name} is not in the local cache and HF_HUB_OFFLINE is set"))
+                    hub_error(format!(
+                        "{name} is not in the local cache and HF_HUB_OFFLINE is set"
+                    ))
                 })
             };
             let weights = match cache.get(SINGLE_WEIGHTS) {

@@ -29,7 +29,9 @@ pub const HTTP_REQUEST_DURATION_SECONDS: &str = "rerank_http_request_duration_se
 pub fn latency_buckets() -> Vec<f64> {
     prometheus::exponential_buckets(0.001, 2.0, 17).unwrap_or_default()
 }
-pub const BATCH_SIZE_BUCKETS: [f64; 12] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0];
+pub const BATCH_SIZE_BUCKETS: [f64; 12] = [
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0,
+];
 pub const TOKEN_BUCKETS: [f64; 12] = [
     64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0, 65536.0, 131072.0,
 ];

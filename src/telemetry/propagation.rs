@@ -36,7 +36,8 @@ pub fn inject_nats(span: &tracing::Span, headers: &mut async_nats::HeaderMap) {
 /// Makes `span` a child of the context carried in NATS headers (if any).
 pub fn continue_from_nats(span: &tracing::Span, headers: Option<&async_nats::HeaderMap>) {
     if let Some(headers) = headers {
-        let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(&NatsExtractor(headers)));
+        let cx =
+            opentelemetry::global::get_text_map_propagator(|p| p.extract(&NatsExtractor(headers)));
         let _ = span.set_parent(cx);
     }
 }

@@ -41,7 +41,9 @@ pub async fn handle(ctx: Arc<HandlerContext>, message: async_nats::Message) {
     propagation::continue_from_nats(&span, message.headers.as_ref());
     let received = Instant::now();
     ctx.metrics.inflight.inc();
-    let outcome = process(&ctx, &message.payload).instrument(span.clone()).await;
+    let outcome = process(&ctx, &message.payload)
+        .instrument(span.clone())
+        .await;
     ctx.metrics.inflight.dec();
 
     let (body, headers, code) = match outcome {

@@ -19,12 +19,18 @@ impl WorkerMetrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let m = Self {
             requests: IntCounterVec::new(
-                Opts::new(names::REQUESTS_TOTAL, "Requests answered, by outcome and code"),
+                Opts::new(
+                    names::REQUESTS_TOTAL,
+                    "Requests answered, by outcome and code",
+                ),
                 &["outcome", "code"],
             )?,
             duration: HistogramVec::new(
-                HistogramOpts::new(names::REQUEST_DURATION_SECONDS, "Time from receipt to reply")
-                    .buckets(names::latency_buckets()),
+                HistogramOpts::new(
+                    names::REQUEST_DURATION_SECONDS,
+                    "Time from receipt to reply",
+                )
+                .buckets(names::latency_buckets()),
                 &["outcome"],
             )?,
             inflight: names::gauge(names::INFLIGHT_REQUESTS, "Requests being handled")?,

@@ -64,7 +64,10 @@ pub async fn run(
     metadata.insert("model".to_string(), config.model.name.clone());
     metadata.insert("device".to_string(), config.model.device.clone());
     metadata.insert("dtype".to_string(), config.model.dtype.clone());
-    metadata.insert("max_length".to_string(), config.model.max_length.to_string());
+    metadata.insert(
+        "max_length".to_string(),
+        config.model.max_length.to_string(),
+    );
     metadata.insert("model_loaded".to_string(), "true".to_string());
     metadata.insert("subject".to_string(), config.subject.clone());
     let service = client
@@ -86,7 +89,9 @@ pub async fn run(
         client: client.clone(),
         metrics: metrics.clone(),
         model_name: config.model.name.clone(),
-        inflight: Arc::new(tokio::sync::Semaphore::new(config.max_inflight_requests.max(1))),
+        inflight: Arc::new(tokio::sync::Semaphore::new(
+            config.max_inflight_requests.max(1),
+        )),
     });
     let connection_watch = tokio::spawn(watch_connection(client.clone(), metrics.clone()));
     ready.store(true, Ordering::Release);
@@ -125,7 +130,10 @@ pub async fn run(
     })
     .await;
     if drained.is_err() {
-        tracing::error!(left = handlers.len(), "drain timed out; abandoning requests");
+        tracing::error!(
+            left = handlers.len(),
+            "drain timed out; abandoning requests"
+        );
         handlers.abort_all();
     }
     if let Err(e) = client.flush().await {

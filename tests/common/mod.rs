@@ -235,11 +235,17 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     let status = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())?;
     Some((status, body))
 }
 
@@ -257,7 +263,11 @@ pub fn metric_sum(exposition: &str, metric: &str) -> f64 {
 }
 
 /// Runs a future with a deadline, failing the test with `what` instead of hanging.
-pub async fn within<T>(limit: Duration, what: &str, fut: impl std::future::Future<Output = T>) -> T {
+pub async fn within<T>(
+    limit: Duration,
+    what: &str,
+    fut: impl std::future::Future<Output = T>,
+) -> T {
     tokio::time::timeout(limit, fut)
         .await
         .unwrap_or_else(|_| panic!("timed out after {limit:?}: {what}"))
@@ -317,7 +327,8 @@ impl OtlpReceiver {
             axum::routing::post(move |body: bytes::Bytes| {
                 let sink = sink.clone();
                 async move {
-                    let request = ExportTraceServiceRequest::decode(body).expect("valid OTLP protobuf");
+                    let request =
+                        ExportTraceServiceRequest::decode(body).expect("valid OTLP protobuf");
                     let mut sink = sink.lock().unwrap();
                     for resource in request.resource_spans {
                         let service = resource
@@ -363,11 +374,19 @@ impl OtlpReceiver {
     }
 
     /// Waits until spans named `names` of `trace_id` have all arrived.
-    pub async fn wait_for(&self, trace_id: &str, names: &[&str], limit: Duration) -> Vec<ReceivedSpan> {
+    pub async fn wait_for(
+        &self,
+        trace_id: &str,
+        names: &[&str],
+        limit: Duration,
+    ) -> Vec<ReceivedSpan> {
         let start = Instant::now();
         loop {
-            let spans: Vec<ReceivedSpan> =
-                self.spans().into_iter().filter(|s| s.trace_id == trace_id).collect();
+            let spans: Vec<ReceivedSpan> = self
+                .spans()
+                .into_iter()
+                .filter(|s| s.trace_id == trace_id)
+                .collect();
             if names.iter().all(|n| spans.iter().any(|s| s.name == *n)) {
                 return spans;
             }
@@ -389,17 +408,24 @@ pub fn parse_prometheus(text: &str) -> Vec<(String, String, f64)> {
             continue;
         }
         assert!(!line.starts_with('#'), "unexpected comment line: {line}");
-        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("malformed sample: {line}"));
-        let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in: {line}"));
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("malformed sample: {line}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in: {line}"));
         let (name, labels) = match series.split_once('{') {
             Some((name, rest)) => {
-                let labels = rest.strip_suffix('}').unwrap_or_else(|| panic!("unclosed labels: {line}"));
+                let labels = rest
+                    .strip_suffix('}')
+                    .unwrap_or_else(|| panic!("unclosed labels: {line}"));
                 (name.to_string(), labels.to_string())
             }
             None => (series.to_string(), String::new()),
         };
         assert!(
-            name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            name.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
             "bad metric name in: {line}"
         );
         samples.push((name, labels, value));
