@@ -98,36 +98,29 @@ impl Attention {
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
 
-        // 3. GQA: repeat each KV head for its group of query heads -> (b, h, t, d).
-        let k = repeat_kv(k, self.num_heads / self.num_kv_heads)?;
-        let v = repeat_kv(v, self.num_heads / self.num_kv_heads)?;
+        // 3. GQA without copying K/V: query heads are grouped per KV head (transformers
+        //    `repeat_kv` order), so fold each group's heads into the row dimension:
+        //    (b, h, t, d) -> (b, kv, rep*t, d).
+        let rep = self.num_heads / self.num_kv_heads;
+        let q = q.reshape((b, self.num_kv_heads, rep * t, self.head_dim))?;
 
-        // 4. Scores (b, h, t, t) + padding-only key mask; softmax in f32 as the eager path does
-        //    (`softmax(attn_weights, dim=-1, dtype=torch.float32).to(query_states.dtype)`).
+        // 4. Scores (b, kv, rep*t, t) + padding-only key mask (b, 1, 1, t); softmax in f32 as the
+        //    eager path does (`softmax(attn_weights, dim=-1, dtype=torch.float32).to(q.dtype)`).
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?;
         let scores = scores.to_dtype(DType::F32)?.broadcast_add(key_mask)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
 
-        // 5. Weighted values, merge heads: (b, h, t, d) -> (b, t, h*d) -> o_proj.
-        let out = probs.matmul(&v)?;
+        // 5. Weighted values, unfold the groups and merge heads:
+        //    (b, kv, rep*t, d) -> (b, h, t, d) -> (b, t, h*d) -> o_proj.
+        let out = probs
+            .matmul(&v)?
+            .reshape((b, self.num_heads, t, self.head_dim))?;
         let out = out
             .transpose(1, 2)?
             .reshape((b, t, self.num_heads * self.head_dim))?;
         self.o_proj.forward(&out)
     }
-}
-
-/// (b, kv, t, d) -> (b, kv * n_rep, t, d), each KV head repeated `n_rep` times in place
-/// (transformers `repeat_kv`).
-fn repeat_kv(xs: Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
-    if n_rep == 1 {
-        return Ok(xs);
-    }
-    let (b, kv, t, d) = xs.dims4()?;
-    xs.unsqueeze(2)?
-        .expand((b, kv, n_rep, t, d))?
-        .reshape((b, kv * n_rep, t, d))
 }
 
 /// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
