@@ -3,6 +3,8 @@
 pub mod args;
 pub mod load;
 pub mod score;
+pub mod serve;
+pub mod sidecar;
 pub mod worker;
 
 use clap::{Parser, Subcommand};
@@ -21,6 +23,10 @@ pub enum Command {
     Score(score::ScoreArgs),
     /// Serve reranking requests from NATS on a GPU (or CPU) worker.
     Worker(worker::WorkerArgs),
+    /// Serve the HTTP API (/rerank, /v1/rerank, /v1/ranking, /health...) in front of the pool.
+    Sidecar(sidecar::SidecarArgs),
+    /// A worker and the sidecar in one process (starts a local nats-server when none is up).
+    Serve(serve::ServeArgs),
 }
 
 impl Cli {
@@ -30,6 +36,14 @@ impl Cli {
             Command::Worker(args) => {
                 let _guard = crate::telemetry::init("rerank-worker", args.log.log_format)?;
                 worker::run(args).await
+            }
+            Command::Sidecar(args) => {
+                let _guard = crate::telemetry::init("rerank-sidecar", args.log.log_format)?;
+                sidecar::run(args).await
+            }
+            Command::Serve(args) => {
+                let _guard = crate::telemetry::init("rerank", args.log.log_format)?;
+                serve::run(args).await
             }
         }
     }
