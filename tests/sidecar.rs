@@ -746,6 +746,95 @@ async fn flooded_tiny_queue_gives_429_with_retry_after() {
     }
 }
 
+/// Kills a child process on drop (test failure paths).
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_runs_the_whole_stack_with_its_own_nats_server() {
+    let (nats_port, http_port, probe_port) = (free_port(), free_port(), free_port());
+    let path = std::env::join_paths(std::iter::once(nats_server_dir()).chain(
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
+    ))
+    .unwrap();
+    let child = std::process::Command::new(rerank_bin())
+        .arg("serve")
+        .arg("--model")
+        .arg(tiny_model_dir())
+        .args(["--nats-url", &format!("nats://127.0.0.1:{nats_port}")])
+        .args(["--listen", &format!("127.0.0.1:{http_port}")])
+        .args(["--health-listen", &format!("127.0.0.1:{probe_port}")])
+        .env("PATH", path)
+        .env("RUST_LOG", "warn,rerank_service=info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("rerank serve");
+    let mut serve = ChildGuard(child);
+    let base = format!("http://127.0.0.1:{http_port}");
+
+    // Healthy once the worker has loaded the model (bounded).
+    let start = Instant::now();
+    loop {
+        if let Ok(Ok(r)) = tokio::time::timeout(
+            Duration::from_secs(2),
+            http().get(format!("{base}/health")).send(),
+        )
+        .await
+        {
+            if r.status() == 200 {
+                break;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "rerank serve not healthy within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The seed's example returns the documented shape.
+    let answer = post(&format!("{base}/rerank"), &seed_request(), None).await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    let body = answer.json();
+    assert_eq!(body["scores"].as_array().unwrap().len(), 3);
+    assert_eq!(body["ranked_indices"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        get(&format!("{base}/health"), None).await.json()["status"],
+        "healthy"
+    );
+    // It started nats-server on the URL's port.
+    assert!(std::net::TcpStream::connect(("127.0.0.1", nats_port)).is_ok());
+
+    // SIGTERM: clean exit, and the nats-server it started is gone.
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &serve.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let start = Instant::now();
+    let code = loop {
+        if let Some(status) = serve.0.try_wait().unwrap() {
+            break status.code();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "rerank serve did not exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(code, Some(0));
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", nats_port)).is_err(),
+        "nats-server left running"
+    );
+}
+
 /// Measures the sidecar's added latency over a direct NATS request and its throughput with 64
 /// concurrent HTTP clients. Run: `cargo test --test sidecar -- --ignored --nocapture measure`.
 #[tokio::test(flavor = "multi_thread")]

@@ -296,3 +296,19 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
     sorted[rank.min(sorted.len() - 1)]
 }
+
+/// The directory holding the nats-server binary the tests use (for a child's PATH).
+pub fn nats_server_dir() -> std::path::PathBuf {
+    let candidates = [
+        std::env::var_os("NATS_SERVER_BIN").map(std::path::PathBuf::from),
+        Some(crate::common::repo_root().join(".tools/nats/bin/nats-server")),
+    ];
+    for path in candidates.into_iter().flatten() {
+        if path.is_file() {
+            if let Some(dir) = path.parent() {
+                return dir.to_path_buf();
+            }
+        }
+    }
+    panic!("nats-server not found: run `make setup`")
+}
