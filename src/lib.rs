@@ -14,11 +14,13 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod cli;
+pub mod client;
 pub mod engine;
 pub mod model;
 pub mod nats;
 pub mod probe;
 pub mod shutdown;
+pub mod sidecar;
 pub mod telemetry;
 pub mod wire;
 pub mod worker;

@@ -189,3 +189,70 @@ pub struct LogArgs {
     #[arg(long, env = "RERANK_LOG_TEXT")]
     pub log_text: bool,
 }
+
+/// How a worker process serves the pool (besides the model and the engine).
+#[derive(Debug, Clone, Args)]
+pub struct WorkerRunArgs {
+    /// Queue group shared by the pool: each request goes to one member.
+    #[arg(long, env = "RERANK_QUEUE_GROUP", default_value = crate::wire::DEFAULT_QUEUE_GROUP)]
+    pub queue_group: String,
+    /// Address of the probe listener (`/live`, `/ready`, `/metrics`).
+    #[arg(long, env = "RERANK_HEALTH_LISTEN", default_value = "0.0.0.0:8002")]
+    pub health_listen: std::net::SocketAddr,
+    /// Requests handled at once (decoding, tokenizing, queued); beyond it `overloaded` is
+    /// answered at once so the caller can retry elsewhere.
+    #[arg(long, env = "RERANK_MAX_INFLIGHT_REQUESTS", default_value_t = 256)]
+    pub max_inflight_requests: usize,
+    /// Longest wait, in seconds, for in-flight requests after SIGTERM.
+    #[arg(long, env = "RERANK_DRAIN_TIMEOUT", default_value_t = 30)]
+    pub drain_timeout: u64,
+}
+
+/// The sidecar's HTTP listener.
+#[derive(Clone, Args)]
+pub struct HttpArgs {
+    /// Address the HTTP API listens on.
+    #[arg(long, env = "RERANK_LISTEN", default_value = "0.0.0.0:8001")]
+    pub listen: std::net::SocketAddr,
+    /// Seconds to wait for a worker's reply (504 after); also sent as the request's deadline so
+    /// workers drop work nobody waits for. Keep it below your HTTP caller's own timeout.
+    #[arg(long, env = "RERANK_REQUEST_TIMEOUT", default_value_t = 60)]
+    pub request_timeout: u64,
+    /// Largest request body in bytes (413 beyond). Requests must also fit the NATS server's
+    /// max_payload (1 MiB by default), which is checked before sending.
+    #[arg(long, env = "RERANK_MAX_BODY_BYTES", default_value_t = 8 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Bearer token required on every route but /live and /ready (none: open).
+    #[arg(long, env = "RERANK_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+}
+
+impl std::fmt::Debug for HttpArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpArgs")
+            .field("listen", &self.listen)
+            .field("request_timeout", &self.request_timeout)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl HttpArgs {
+    pub fn to_config(&self, nats: &NatsArgs) -> anyhow::Result<crate::sidecar::SidecarConfig> {
+        anyhow::ensure!(
+            self.request_timeout > 0,
+            "--request-timeout must be positive"
+        );
+        anyhow::ensure!(self.max_body_bytes > 0, "--max-body-bytes must be positive");
+        Ok(crate::sidecar::SidecarConfig {
+            listen: self.listen,
+            nats: nats.to_config(&format!("rerank-sidecar-{}", std::process::id())),
+            subject: nats.subject.clone(),
+            request_timeout: std::time::Duration::from_secs(self.request_timeout),
+            max_body_bytes: self.max_body_bytes,
+            api_key: self.api_key.clone().filter(|k| !k.is_empty()),
+            ..crate::sidecar::SidecarConfig::default()
+        })
+    }
+}

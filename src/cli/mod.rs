@@ -5,6 +5,8 @@ pub mod bench;
 pub mod download;
 pub mod load;
 pub mod score;
+pub mod serve;
+pub mod sidecar;
 pub mod worker;
 
 use clap::{Parser, Subcommand};
@@ -27,6 +29,10 @@ pub enum Command {
     Download(download::DownloadArgs),
     /// Measure throughput and latency of the engine, or of a worker pool over NATS.
     Bench(bench::BenchArgs),
+    /// Serve the HTTP API (/rerank, /v1/rerank, /v1/ranking, /health...) in front of the pool.
+    Sidecar(sidecar::SidecarArgs),
+    /// A worker and the sidecar in one process (starts a local nats-server when none is up).
+    Serve(serve::ServeArgs),
 }
 
 impl Cli {
@@ -42,6 +48,14 @@ impl Cli {
             Command::Worker(args) => {
                 let _guard = crate::telemetry::init("rerank-worker", args.log.log_format)?;
                 worker::run(args).await
+            }
+            Command::Sidecar(args) => {
+                let _guard = crate::telemetry::init("rerank-sidecar", args.log.log_format)?;
+                sidecar::run(args).await
+            }
+            Command::Serve(args) => {
+                let _guard = crate::telemetry::init("rerank", args.log.log_format)?;
+                serve::run(args).await
             }
         }
     }

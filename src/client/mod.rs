@@ -1,0 +1,462 @@
+//! `RerankClient`: rerank over NATS (straight to the worker pool) or over HTTP (through the
+//! sidecar), with the resilience of the seed spec: per-attempt timeout, retries with exponential
+//! backoff for what is safe to retry, and a fallback to the similarity order.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use rerank_service::client::RerankClient;
+//! let nats = async_nats::connect("nats://127.0.0.1:4222").await?;
+//! let client = RerankClient::builder().nats(nats, "rerank.v1").build()?;
+//! let result = client
+//!     .rerank("AI tools for productivity", ["A task app", "An AI writing assistant"])
+//!     .await?;
+//! println!("{:?} {:?}", result.scores, result.ranked_indices);
+//! # Ok(()) }
+//! ```
+//!
+//! Imports `wire` and `telemetry` only; each transport lives in its own file.
+
+mod error;
+mod fallback;
+mod http;
+mod nats;
+
+pub use error::{RerankError, RerankErrorKind};
+pub use fallback::apply_ranking;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tracing::Instrument;
+
+use crate::wire::{self, RerankReply, RerankRequest, Truncate};
+
+/// Scores in input order and the document indices by descending score.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RerankResult {
+    /// Raw logits, one per document, in input order (higher is more relevant; not 0–1).
+    pub scores: Vec<f32>,
+    /// Document indices, most relevant first (cut to `top_k` when asked).
+    pub ranked_indices: Vec<usize>,
+}
+
+/// Optional request fields.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RerankOptions {
+    /// Keep only the best `top_k` indices in `ranked_indices` (scores stay complete).
+    pub top_k: Option<usize>,
+    /// How the worker treats pairs longer than its `max_length` (default: cut from the right).
+    pub truncate: Option<Truncate>,
+}
+
+/// A worker that answered the service discovery, with what it advertises.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerInfo {
+    /// NATS service instance id.
+    pub id: String,
+    pub model: Option<String>,
+    /// `cpu`, `cuda:0`...
+    pub device: Option<String>,
+    pub dtype: Option<String>,
+    pub max_length: Option<usize>,
+    pub model_loaded: bool,
+    /// The request subject the worker serves.
+    pub subject: Option<String>,
+}
+
+impl WorkerInfo {
+    fn from_metadata(id: String, mut metadata: HashMap<String, String>) -> Self {
+        Self {
+            id,
+            model: metadata.remove("model"),
+            device: metadata.remove("device"),
+            dtype: metadata.remove("dtype"),
+            max_length: metadata.get("max_length").and_then(|v| v.parse().ok()),
+            model_loaded: metadata.get("model_loaded").is_some_and(|v| v == "true"),
+            subject: metadata.remove("subject"),
+        }
+    }
+}
+
+/// Counters of one client (and its clones), for tests and diagnostics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClientStats {
+    /// Calls of `rerank`/`send`.
+    pub requests: u64,
+    /// Attempts sent (requests + retries).
+    pub attempts: u64,
+    /// Calls that failed after their last attempt.
+    pub failures: u64,
+}
+
+#[derive(Default, Debug)]
+struct Counters {
+    requests: AtomicU64,
+    attempts: AtomicU64,
+    failures: AtomicU64,
+}
+
+#[derive(Clone, Debug)]
+enum Transport {
+    Nats(nats::NatsTransport),
+    Http(http::HttpTransport),
+}
+
+/// Why a client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("no transport: call .nats(client, subject) or .http(base_url)")]
+    NoTransport,
+    #[error("cannot build the HTTP client: {0}")]
+    Http(String),
+}
+
+/// Configures a [`RerankClient`]. Defaults follow the seed spec: 3 retries, 1 s backoff base
+/// (waits of 1, 2, 4 s), 60 s per attempt.
+///
+/// ```no_run
+/// # fn demo(nats: async_nats::Client) -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use rerank_service::client::RerankClient;
+/// let over_nats = RerankClient::builder()
+///     .nats(nats, "rerank.v1")
+///     .retries(3)
+///     .backoff_base(Duration::from_millis(500))
+///     .timeout(Duration::from_secs(10))
+///     .build()?;
+/// let over_http = RerankClient::builder()
+///     .http("http://127.0.0.1:8001")
+///     .bearer_token("secret")
+///     .build()?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct RerankClientBuilder {
+    nats: Option<(async_nats::Client, String)>,
+    http: Option<String>,
+    bearer_token: Option<String>,
+    service: String,
+    retries: u32,
+    unavailable_retries: Option<u32>,
+    backoff_base: Duration,
+    timeout: Duration,
+}
+
+impl Default for RerankClientBuilder {
+    fn default() -> Self {
+        Self {
+            nats: None,
+            http: None,
+            bearer_token: None,
+            service: wire::SERVICE_NAME.to_string(),
+            retries: 3,
+            unavailable_retries: None,
+            backoff_base: Duration::from_secs(1),
+            timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl RerankClientBuilder {
+    /// Send over NATS on `subject` (e.g. [`wire::SUBJECT_V1`]) with this connection.
+    pub fn nats(mut self, client: async_nats::Client, subject: impl Into<String>) -> Self {
+        self.nats = Some((client, subject.into()));
+        self.http = None;
+        self
+    }
+
+    /// Send over HTTP to the sidecar at `base_url` (`http://host:8001`).
+    pub fn http(mut self, base_url: impl Into<String>) -> Self {
+        self.http = Some(base_url.into());
+        self.nats = None;
+        self
+    }
+
+    /// `Authorization: Bearer <token>` for the HTTP transport (the sidecar's `RERANK_API_KEY`).
+    pub fn bearer_token(mut self, token: impl Into<String>) -> Self {
+        self.bearer_token = Some(token.into());
+        self
+    }
+
+    /// NATS service name used for worker discovery (default `rerank`).
+    pub fn service_name(mut self, name: impl Into<String>) -> Self {
+        self.service = name.into();
+        self
+    }
+
+    /// Retries after the first attempt, for retryable failures only (default 3).
+    pub fn retries(mut self, retries: u32) -> Self {
+        self.retries = retries;
+        self
+    }
+
+    /// Retries when no worker is there at all (no responders); defaults to `retries`. A sidecar
+    /// that leaves retrying to its HTTP caller still retries this once to ride out a rollout.
+    pub fn unavailable_retries(mut self, retries: u32) -> Self {
+        self.unavailable_retries = Some(retries);
+        self
+    }
+
+    /// Wait before retry `n` (0-based) is `backoff_base · 2^n` (default 1 s).
+    pub fn backoff_base(mut self, base: Duration) -> Self {
+        self.backoff_base = base;
+        self
+    }
+
+    /// Per-attempt timeout (default 60 s); also sent as the request's `deadline_ms`, so workers
+    /// drop work whose caller has given up.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    pub fn build(self) -> Result<RerankClient, BuildError> {
+        let transport = match (self.nats, self.http) {
+            (Some((client, subject)), _) => Transport::Nats(nats::NatsTransport {
+                client,
+                subject,
+                service: self.service,
+            }),
+            (None, Some(base)) => Transport::Http(
+                http::HttpTransport::new(&base, self.bearer_token)
+                    .map_err(|e| BuildError::Http(e.to_string()))?,
+            ),
+            (None, None) => return Err(BuildError::NoTransport),
+        };
+        Ok(RerankClient {
+            inner: Arc::new(Inner {
+                transport,
+                retries: self.retries,
+                unavailable_retries: self.unavailable_retries.unwrap_or(self.retries),
+                backoff_base: self.backoff_base,
+                timeout: self.timeout,
+                counters: Counters::default(),
+            }),
+        })
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    transport: Transport,
+    retries: u32,
+    unavailable_retries: u32,
+    backoff_base: Duration,
+    timeout: Duration,
+    counters: Counters,
+}
+
+/// A cheap-to-clone handle that reranks over NATS or HTTP. See the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct RerankClient {
+    inner: Arc<Inner>,
+}
+
+impl RerankClient {
+    pub fn builder() -> RerankClientBuilder {
+        RerankClientBuilder::default()
+    }
+
+    /// Scores every document against `query`.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: rerank_service::client::RerankClient) -> Result<(), rerank_service::client::RerankError> {
+    /// let result = client.rerank("capital of France?", vec!["Paris", "Bananas"]).await?;
+    /// assert_eq!(result.ranked_indices.len(), 2);
+    /// # Ok(()) }
+    /// ```
+    pub async fn rerank<D: Into<String>>(
+        &self,
+        query: impl Into<String>,
+        documents: impl IntoIterator<Item = D>,
+    ) -> Result<RerankResult, RerankError> {
+        self.rerank_with(query, documents, RerankOptions::default())
+            .await
+    }
+
+    /// [`rerank`](Self::rerank) with `top_k` and `truncate`.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: rerank_service::client::RerankClient) -> Result<(), rerank_service::client::RerankError> {
+    /// use rerank_service::client::RerankOptions;
+    /// let options = RerankOptions { top_k: Some(1), ..Default::default() };
+    /// let best = client.rerank_with("q", vec!["a", "b"], options).await?;
+    /// assert_eq!(best.ranked_indices.len(), 1);
+    /// # Ok(()) }
+    /// ```
+    pub async fn rerank_with<D: Into<String>>(
+        &self,
+        query: impl Into<String>,
+        documents: impl IntoIterator<Item = D>,
+        options: RerankOptions,
+    ) -> Result<RerankResult, RerankError> {
+        let request = RerankRequest {
+            query: query.into(),
+            documents: documents.into_iter().map(Into::into).collect(),
+            top_k: options.top_k.map(|k| k as u64),
+            truncate: options.truncate,
+            request_id: None,
+            deadline_ms: None,
+        };
+        let reply = self.send(request).await?;
+        Ok(RerankResult {
+            scores: reply.scores,
+            ranked_indices: reply
+                .ranked_indices
+                .into_iter()
+                .map(|i| i as usize)
+                .collect(),
+        })
+    }
+
+    /// Sends a wire request with retries and returns the whole reply (model name and usage are
+    /// empty over HTTP). `deadline_ms` is set per attempt from the timeout.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: rerank_service::client::RerankClient) -> Result<(), rerank_service::client::RerankError> {
+    /// use rerank_service::wire::RerankRequest;
+    /// let reply = client
+    ///     .send(RerankRequest { query: "q".into(), documents: vec!["d".into()], ..Default::default() })
+    ///     .await?;
+    /// println!("{} scored {} tokens", reply.model, reply.usage.tokens);
+    /// # Ok(()) }
+    /// ```
+    pub async fn send(&self, mut request: RerankRequest) -> Result<RerankReply, RerankError> {
+        let inner = &self.inner;
+        inner.counters.requests.fetch_add(1, Ordering::Relaxed);
+        let span = tracing::info_span!(
+            "client.request",
+            otel.kind = "client",
+            rerank.documents = request.documents.len(),
+            rerank.attempts = tracing::field::Empty,
+        );
+        let mut attempt: u32 = 0;
+        let result = async {
+            loop {
+                inner.counters.attempts.fetch_add(1, Ordering::Relaxed);
+                request.deadline_ms = Some(epoch_ms_after(inner.timeout));
+                let outcome = match &inner.transport {
+                    Transport::Nats(t) => t.send(&request, inner.timeout).await,
+                    Transport::Http(t) => t.send(&request, inner.timeout).await,
+                }
+                .and_then(|reply| validate(reply, request.documents.len()));
+                let error = match outcome {
+                    Ok(reply) => return Ok(reply),
+                    Err(error) => error,
+                };
+                let budget = if error.kind() == RerankErrorKind::Unavailable {
+                    inner.unavailable_retries
+                } else {
+                    inner.retries
+                };
+                if !error.is_retryable() || attempt >= budget {
+                    return Err(error);
+                }
+                let wait = inner
+                    .backoff_base
+                    .saturating_mul(2u32.saturating_pow(attempt));
+                tracing::warn!(attempt = attempt + 1, error = %error, wait_ms = wait.as_millis() as u64, "rerank attempt failed; retrying");
+                tokio::time::sleep(wait).await;
+                attempt += 1;
+            }
+        }
+        .instrument(span.clone())
+        .await;
+        span.record("rerank.attempts", attempt + 1);
+        if result.is_err() {
+            inner.counters.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    /// Workers that answer the NATS service discovery within `wait` (NATS transport only).
+    pub async fn workers(&self, wait: Duration) -> Result<Vec<WorkerInfo>, RerankError> {
+        self.nats()?.discover(wait, |_| false).await
+    }
+
+    /// The first worker that answers discovery with its model loaded, waiting at most `wait`
+    /// (returns at once when no worker is registered at all).
+    pub async fn ready_worker(&self, wait: Duration) -> Result<Option<WorkerInfo>, RerankError> {
+        let workers = self
+            .nats()?
+            .discover(wait, |found| found.iter().any(|w| w.model_loaded))
+            .await?;
+        Ok(workers.into_iter().find(|w| w.model_loaded))
+    }
+
+    /// Whether the NATS connection is up (always true over HTTP, which connects per request).
+    pub fn is_connected(&self) -> bool {
+        match &self.inner.transport {
+            Transport::Nats(t) => t.is_connected(),
+            Transport::Http(_) => true,
+        }
+    }
+
+    /// The NATS server's `max_payload` (bytes), once connected; `None` over HTTP.
+    pub fn max_payload(&self) -> Option<usize> {
+        match &self.inner.transport {
+            Transport::Nats(t) => t.max_payload(),
+            Transport::Http(_) => None,
+        }
+    }
+
+    /// The per-attempt timeout.
+    pub fn timeout(&self) -> Duration {
+        self.inner.timeout
+    }
+
+    pub fn stats(&self) -> ClientStats {
+        let c = &self.inner.counters;
+        ClientStats {
+            requests: c.requests.load(Ordering::Relaxed),
+            attempts: c.attempts.load(Ordering::Relaxed),
+            failures: c.failures.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Drains the NATS connection (pending replies still arrive); a no-op over HTTP.
+    pub async fn close(&self) {
+        if let Transport::Nats(t) = &self.inner.transport {
+            t.close().await;
+        }
+    }
+
+    fn nats(&self) -> Result<&nats::NatsTransport, RerankError> {
+        match &self.inner.transport {
+            Transport::Nats(t) => Ok(t),
+            Transport::Http(_) => Err(RerankError::Unsupported(
+                "worker discovery needs the NATS transport",
+            )),
+        }
+    }
+}
+
+/// Checks that a reply matches its request (one score per document, indices in range).
+fn validate(reply: RerankReply, documents: usize) -> Result<RerankReply, RerankError> {
+    if reply.scores.len() != documents {
+        return Err(RerankError::InvalidResponse(format!(
+            "{} scores for {documents} documents",
+            reply.scores.len()
+        )));
+    }
+    if let Some(bad) = reply
+        .ranked_indices
+        .iter()
+        .find(|&&i| i as usize >= documents)
+    {
+        return Err(RerankError::InvalidResponse(format!(
+            "ranked index {bad} is out of range for {documents} documents"
+        )));
+    }
+    Ok(reply)
+}
+
+/// Unix epoch milliseconds `after` from now.
+fn epoch_ms_after(after: Duration) -> u64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    (now + after).as_millis().min(u128::from(u64::MAX)) as u64
+}

@@ -1,0 +1,221 @@
+//! The HTTP sidecar: a thin translation layer from HTTP/JSON to the worker pool over NATS.
+//!
+//! Routes: `POST /rerank` and `GET /health` (the seed spec's API), `POST /v1/rerank`
+//! (Cohere/Jina shape), `POST /v1/ranking` (NVIDIA NIM shape), `GET /live`, `GET /ready`,
+//! `GET /metrics`, `GET /openapi.json`. Error statuses: see [`error`].
+//!
+//! Requests go through [`crate::client::RerankClient`] over NATS without retries (the HTTP caller
+//! has its own), except one quick retry when no worker is subscribed, which covers rollouts.
+//! Imports `client`, `wire` and `telemetry`; never `async_nats` directly.
+
+pub mod error;
+pub mod extract;
+mod middleware;
+pub mod openapi;
+pub mod routes;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{Method, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+
+use crate::client::{BuildError, RerankClient};
+use crate::nats::{NatsConfig, NatsConnectError};
+
+pub use error::ApiError;
+pub use middleware::HttpMetrics;
+
+/// Everything `run` needs.
+#[derive(Clone)]
+pub struct SidecarConfig {
+    pub listen: SocketAddr,
+    pub nats: NatsConfig,
+    /// Request subject of the worker pool.
+    pub subject: String,
+    /// Per-request NATS timeout, also the deadline the workers see.
+    pub request_timeout: Duration,
+    /// Largest accepted HTTP body.
+    pub max_body_bytes: usize,
+    /// Bearer token required on every route but `/live` and `/ready`.
+    pub api_key: Option<String>,
+    /// How long `/health` listens for workers' discovery replies.
+    pub health_wait: Duration,
+    /// Pause before the single retry when no worker is subscribed.
+    pub no_responders_backoff: Duration,
+}
+
+impl Default for SidecarConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8001)),
+            nats: NatsConfig::new("nats://127.0.0.1:4222"),
+            subject: crate::wire::SUBJECT_V1.to_string(),
+            request_timeout: Duration::from_secs(60),
+            max_body_bytes: 8 * 1024 * 1024,
+            api_key: None,
+            health_wait: Duration::from_millis(250),
+            no_responders_backoff: Duration::from_millis(200),
+        }
+    }
+}
+
+impl std::fmt::Debug for SidecarConfig {
+    // The API key never reaches logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SidecarConfig")
+            .field("listen", &self.listen)
+            .field("nats", &self.nats)
+            .field("subject", &self.subject)
+            .field("request_timeout", &self.request_timeout)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("health_wait", &self.health_wait)
+            .finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SidecarError {
+    #[error(transparent)]
+    Connect(#[from] NatsConnectError),
+    #[error(transparent)]
+    Client(#[from] BuildError),
+    #[error("cannot register metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("HTTP server failed: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+struct StateInner {
+    client: RerankClient,
+    metrics: HttpMetrics,
+    registry: prometheus::Registry,
+    api_key: Option<String>,
+    health_wait: Duration,
+    max_body_bytes: usize,
+    openapi: serde_json::Value,
+}
+
+/// Shared by every handler; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<StateInner>,
+}
+
+impl AppState {
+    /// State around a client (which should use the NATS transport: health and readiness ask it).
+    pub fn new(client: RerankClient, config: &SidecarConfig) -> Result<Self, SidecarError> {
+        let registry = prometheus::Registry::new();
+        let metrics = HttpMetrics::register(&registry)?;
+        Ok(Self {
+            inner: Arc::new(StateInner {
+                client,
+                metrics,
+                registry,
+                api_key: config.api_key.clone().filter(|k| !k.is_empty()),
+                health_wait: config.health_wait,
+                max_body_bytes: config.max_body_bytes,
+                openapi: openapi::document(),
+            }),
+        })
+    }
+
+    /// Connects to NATS and builds the sidecar's client: no retries but one for no responders.
+    pub async fn connect(config: &SidecarConfig) -> Result<Self, SidecarError> {
+        let nats = config.nats.connect().await?;
+        let client = RerankClient::builder()
+            .nats(nats, config.subject.clone())
+            .timeout(config.request_timeout)
+            .retries(0)
+            .unavailable_retries(1)
+            .backoff_base(config.no_responders_backoff)
+            .build()?;
+        Self::new(client, config)
+    }
+
+    pub fn client(&self) -> &RerankClient {
+        &self.inner.client
+    }
+}
+
+/// The whole HTTP surface.
+pub fn router(state: AppState) -> Router {
+    let max_body_bytes = state.inner.max_body_bytes;
+    Router::new()
+        .route("/rerank", post(routes::rerank::rerank))
+        .route("/v1/rerank", post(routes::cohere::rerank))
+        .route("/v1/ranking", post(routes::nim::ranking))
+        .route("/health", get(routes::health::health))
+        .route("/live", get(routes::health::live))
+        .route("/ready", get(routes::health::ready))
+        .route("/metrics", get(routes::health::metrics))
+        .route("/openapi.json", get(routes::health::openapi))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        // Each new .layer() wraps the ones before: bodies are limited inside auth, and observe
+        // (span + metrics) is outermost so it also counts 401s.
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            middleware::authorize,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            middleware::observe,
+        ))
+        .with_state(state)
+}
+
+async fn not_found(uri: Uri) -> Response {
+    ApiError::not_found(uri.path()).into_response()
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    ApiError::method_not_allowed(method.as_str(), uri.path()).into_response()
+}
+
+/// Serves on an already bound listener until `stop` resolves, then finishes in-flight requests.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), SidecarError> {
+    let client = state.client().clone();
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(stop)
+        .await
+        .map_err(SidecarError::Serve)?;
+    client.close().await;
+    Ok(())
+}
+
+/// Connects, listens on `config.listen` and serves until `stop` resolves.
+pub async fn run(
+    config: SidecarConfig,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), SidecarError> {
+    let state = AppState::connect(&config).await?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| SidecarError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(SidecarError::Serve)?;
+    tracing::info!(%addr, subject = %config.subject, auth = config.api_key.is_some(), "sidecar listening");
+    serve(listener, state, stop).await?;
+    tracing::info!("sidecar stopped");
+    Ok(())
+}

@@ -1,0 +1,93 @@
+//! `POST /v1/ranking`: the NVIDIA NIM (NeMo Retriever reranking) shape.
+//!
+//! `{"model"?, "query": {"text"}, "passages": [{"text"}], "truncate": "NONE" | "END"}` →
+//! `{"rankings": [{"index", "logit"}], "usage": {...}}`, rankings sorted by logit, best first, raw
+//! logits as NIM returns them. Deviation: an absent `truncate` means `END` here (NIM: `NONE`), so
+//! long passages are cut rather than refused unless the caller asks for `NONE`.
+
+use axum::extract::State;
+use axum::Json;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::wire::{RerankRequest, Truncate};
+
+use super::super::error::ApiError;
+use super::super::extract::ApiJson;
+use super::super::AppState;
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct NimText {
+    pub text: String,
+}
+
+/// NIM ranking request.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+pub struct NimRankingRequest {
+    /// Accepted for compatibility and ignored: the pool serves one model.
+    #[serde(default)]
+    pub model: Option<String>,
+    pub query: NimText,
+    pub passages: Vec<NimText>,
+    /// `END` cuts over-long pairs from the right, passage first (default here); `NONE` refuses
+    /// them with `document_too_long`.
+    #[serde(default)]
+    pub truncate: Option<Truncate>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct NimRanking {
+    /// Position of the passage in the request.
+    pub index: u32,
+    /// Raw logit (apply a sigmoid for a 0–1 probability).
+    pub logit: f32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct NimUsage {
+    pub prompt_tokens: u64,
+    pub total_tokens: u64,
+}
+
+/// NIM ranking response.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct NimRankingResponse {
+    /// Every passage, sorted by logit, best first.
+    pub rankings: Vec<NimRanking>,
+    pub usage: NimUsage,
+}
+
+pub async fn ranking(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<NimRankingRequest>,
+) -> Result<Json<NimRankingResponse>, ApiError> {
+    let reply = super::call(
+        &state,
+        RerankRequest {
+            query: body.query.text,
+            documents: body.passages.into_iter().map(|p| p.text).collect(),
+            truncate: body.truncate,
+            ..RerankRequest::default()
+        },
+    )
+    .await?;
+    let rankings = reply
+        .ranked_indices
+        .iter()
+        .map(|&index| NimRanking {
+            index,
+            logit: reply
+                .scores
+                .get(index as usize)
+                .copied()
+                .unwrap_or(f32::NAN),
+        })
+        .collect();
+    Ok(Json(NimRankingResponse {
+        rankings,
+        usage: NimUsage {
+            prompt_tokens: reply.usage.tokens,
+            total_tokens: reply.usage.tokens,
+        },
+    }))
+}
