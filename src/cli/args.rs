@@ -185,9 +185,6 @@ pub struct LogArgs {
     /// `text` for people, `json` for log pipelines. Filter with RUST_LOG.
     #[arg(long, env = "RERANK_LOG_FORMAT", value_enum, default_value_t = crate::telemetry::LogFormat::Text)]
     pub log_format: crate::telemetry::LogFormat,
-    /// Log query and document text (debugging only: it may be personal data).
-    #[arg(long, env = "RERANK_LOG_TEXT")]
-    pub log_text: bool,
 }
 
 /// How a worker process serves the pool (besides the model and the engine).
@@ -206,6 +203,10 @@ pub struct WorkerRunArgs {
     /// Longest wait, in seconds, for in-flight requests after SIGTERM.
     #[arg(long, env = "RERANK_DRAIN_TIMEOUT", default_value_t = 30)]
     pub drain_timeout: u64,
+    /// Log each request's query and documents (debugging only: they may be personal data, so
+    /// they are never logged otherwise).
+    #[arg(long, env = "RERANK_LOG_TEXT")]
+    pub log_text: bool,
 }
 
 /// The sidecar's HTTP listener.

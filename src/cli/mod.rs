@@ -41,20 +41,28 @@ impl Cli {
             Command::Score(args) => score::run(args).await,
             Command::Bench(args) => bench::run(args).await,
             Command::Download(args) => {
-                let _guard =
-                    crate::telemetry::init("rerank-download", crate::telemetry::LogFormat::Text)?;
+                let _guard = crate::telemetry::init(
+                    "rerank-download",
+                    crate::telemetry::LogFormat::Text,
+                    false,
+                )?;
                 download::run(args).await
             }
             Command::Worker(args) => {
-                let _guard = crate::telemetry::init("rerank-worker", args.log.log_format)?;
+                let _guard = crate::telemetry::init(
+                    "rerank-worker",
+                    args.log.log_format,
+                    args.worker.log_text,
+                )?;
                 worker::run(args).await
             }
             Command::Sidecar(args) => {
-                let _guard = crate::telemetry::init("rerank-sidecar", args.log.log_format)?;
+                let _guard = crate::telemetry::init("rerank-sidecar", args.log.log_format, false)?;
                 sidecar::run(args).await
             }
             Command::Serve(args) => {
-                let _guard = crate::telemetry::init("rerank", args.log.log_format)?;
+                let _guard =
+                    crate::telemetry::init("rerank", args.log.log_format, args.worker.log_text)?;
                 serve::run(args).await
             }
         }

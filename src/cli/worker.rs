@@ -72,6 +72,7 @@ pub async fn run_worker(
         queue_group: options.queue_group.clone(),
         max_inflight_requests: options.max_inflight_requests,
         drain_timeout: Duration::from_secs(options.drain_timeout),
+        log_text: options.log_text,
         model: info,
     };
     worker::run(config, engine, worker_metrics, ready, stop).await?;

@@ -49,8 +49,17 @@ fn export_enabled() -> bool {
     .any(|k| std::env::var(k).is_ok_and(|v| !v.is_empty()))
 }
 
+/// Libraries that log message payloads or HTTP bodies at TRACE; capped at DEBUG unless text
+/// logging was asked for, so `RUST_LOG=trace` cannot leak documents.
+const PAYLOAD_LOGGING_TARGETS: [&str; 5] = ["async_nats", "hyper", "h2", "reqwest", "tower_http"];
+
 /// Installs logging and tracing for a process whose default service name is `service`.
-pub fn init(service: &str, format: LogFormat) -> Result<TelemetryGuard, TelemetryError> {
+/// `log_text` allows request text in logs (debugging only).
+pub fn init(
+    service: &str,
+    format: LogFormat,
+    log_text: bool,
+) -> Result<TelemetryGuard, TelemetryError> {
     opentelemetry::global::set_text_map_propagator(
         opentelemetry_sdk::propagation::TraceContextPropagator::new(),
     );
@@ -70,8 +79,15 @@ pub fn init(service: &str, format: LogFormat) -> Result<TelemetryGuard, Telemetr
     opentelemetry::global::set_tracer_provider(provider.clone());
     let tracer = provider.tracer("rerank-service");
 
-    let filter = EnvFilter::try_from_default_env()
+    let mut filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,h2=warn,hyper=warn,reqwest=warn"));
+    if !log_text {
+        for target in PAYLOAD_LOGGING_TARGETS {
+            if let Ok(directive) = format!("{target}=debug").parse() {
+                filter = filter.add_directive(directive);
+            }
+        }
+    }
     let logs = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
@@ -83,10 +99,17 @@ pub fn init(service: &str, format: LogFormat) -> Result<TelemetryGuard, Telemetr
             .with_writer(std::io::stderr)
             .boxed(),
     };
+    // Separate filters: RUST_LOG=warn quiets the logs but must not cut the request spans out of
+    // the traces (or stop trace context from flowing).
+    let spans = tracing_subscriber::filter::Targets::new()
+        .with_target("rerank_service", tracing::Level::INFO);
     tracing_subscriber::registry()
-        .with(filter)
-        .with(logs)
-        .with(tracing_opentelemetry::layer().with_tracer(tracer))
+        .with(logs.with_filter(filter))
+        .with(
+            tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                .with_filter(spans),
+        )
         .try_init()
         .map_err(|e| TelemetryError::Subscriber(e.to_string()))?;
     Ok(TelemetryGuard { provider })

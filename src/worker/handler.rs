@@ -20,6 +20,7 @@ pub struct HandlerContext {
     pub client: async_nats::Client,
     pub metrics: WorkerMetrics,
     pub model_name: String,
+    pub log_text: bool,
     /// Admission for requests still being decoded/tokenized; beyond it, `overloaded` at once.
     pub inflight: Arc<tokio::sync::Semaphore>,
 }
@@ -110,6 +111,9 @@ async fn process(ctx: &HandlerContext, payload: &[u8]) -> Result<RerankReply, Er
         .in_scope(|| wire::decode_request(payload))
         .map_err(|e| ErrorReply::new(ErrorCode::InvalidRequest, e.to_string()))?;
     tracing::Span::current().record("rerank.documents", request.documents.len());
+    if ctx.log_text {
+        tracing::info!(query = %request.query, documents = ?request.documents, "request text");
+    }
     let deadline = match request.deadline_ms {
         Some(ms) => Some(deadline_from_epoch_ms(ms).ok_or_else(|| {
             ErrorReply::new(

@@ -37,6 +37,8 @@ pub struct WorkerConfig {
     pub max_inflight_requests: usize,
     /// Upper bound on the drain after the stop signal.
     pub drain_timeout: Duration,
+    /// Log query and document text (off by default: it may be personal data).
+    pub log_text: bool,
     pub model: ModelInfo,
 }
 
@@ -89,6 +91,7 @@ pub async fn run(
         client: client.clone(),
         metrics: metrics.clone(),
         model_name: config.model.name.clone(),
+        log_text: config.log_text,
         inflight: Arc::new(tokio::sync::Semaphore::new(
             config.max_inflight_requests.max(1),
         )),

@@ -170,7 +170,7 @@ impl WorkerProcess {
             .args(["--nats-url", nats_url])
             .args(["--health-listen", &format!("127.0.0.1:{health_port}")])
             .args(extra_args)
-            .env("RUST_LOG", "warn,rerank_service=info")
+            .env("RUST_LOG", "warn")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -391,7 +391,16 @@ impl OtlpReceiver {
                 return spans;
             }
             if start.elapsed() > limit {
-                let got: Vec<_> = spans.iter().map(|s| s.name.as_str()).collect();
+                let got: Vec<_> = self
+                    .spans()
+                    .iter()
+                    .map(|s| {
+                        format!(
+                            "{}:{}:{}<-{}",
+                            s.name, s.trace_id, s.span_id, s.parent_span_id
+                        )
+                    })
+                    .collect();
                 panic!("spans {names:?} of trace {trace_id} not all received within {limit:?}; got {got:?}");
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
