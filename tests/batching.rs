@@ -14,6 +14,17 @@ use rerank_service::model::{CrossEncoder, ModelConfig, ModelFiles, PairTokenizer
 const TOL: f32 = 1e-5;
 const MAX_LENGTH: usize = 512;
 
+/// `assert_close`, printing the largest deviation so `--nocapture` shows the margin to `TOL`.
+fn assert_same_scores(actual: &[f32], expected: &[f32], what: &str) {
+    let worst = actual
+        .iter()
+        .zip(expected)
+        .map(|(a, e)| (a - e).abs())
+        .fold(0.0f32, f32::max);
+    println!("{what}: max |batched - alone| = {worst:.1e}");
+    assert_close(actual, expected, TOL, what);
+}
+
 fn load_model() -> CrossEncoder {
     let files = ModelFiles::from_dir(&tiny_model_dir()).expect("tiny model files");
     let config = ModelConfig::from_file(&files.config).expect("tiny config.json");
@@ -55,7 +66,15 @@ fn alone(model: &CrossEncoder, sequences: &[Vec<u32>]) -> Vec<f32> {
 #[test]
 fn score_batch_is_independent_of_batch_composition_and_order() {
     let model = load_model();
-    let sequences = golden_sequences();
+    // The golden sequences (one query per case) and every golden document under one query.
+    let documents = golden_documents();
+    let docs: Vec<&str> = documents.iter().map(String::as_str).collect();
+    let mut sequences = golden_sequences();
+    sequences.extend(
+        tokenizer()
+            .encode_pairs("why do rivers flood in spring?", &docs, Truncation::End)
+            .expect("tokenize"),
+    );
     let lengths: Vec<usize> = sequences.iter().map(Vec::len).collect();
     assert!(*lengths.iter().min().unwrap() <= 16 && *lengths.iter().max().unwrap() == MAX_LENGTH);
     let reference = alone(&model, &sequences);
@@ -66,7 +85,10 @@ fn score_batch_is_independent_of_batch_composition_and_order() {
     let orders: Vec<(&str, Vec<usize>)> = vec![
         ("all, input order", (0..n).collect()),
         ("all, reversed", (0..n).rev().collect()),
-        ("all, interleaved", (0..n).step_by(2).chain((1..n).step_by(2)).collect()),
+        (
+            "all, interleaved",
+            (0..n).step_by(2).chain((1..n).step_by(2)).collect(),
+        ),
         ("shortest with longest", vec![shortest, longest]),
         ("longest with shortest", vec![longest, shortest]),
         (
@@ -78,7 +100,32 @@ fn score_batch_is_independent_of_batch_composition_and_order() {
         let batch: Vec<&[u32]> = order.iter().map(|&i| sequences[i].as_slice()).collect();
         let scores = model.score_batch(&batch).expect("batch");
         let expected: Vec<f32> = order.iter().map(|&i| reference[i]).collect();
-        assert_close(&scores, &expected, TOL, what);
+        assert_same_scores(&scores, &expected, what);
+    }
+
+    // Every pair next to the 512-token one (padded to 512), and next to a copy of itself (twice
+    // the rows, no padding): the row count and the padded length of a batch must not matter.
+    for (i, sequence) in sequences.iter().enumerate() {
+        let padded = model
+            .score_batch(&[sequence.as_slice(), sequences[longest].as_slice()])
+            .expect("batch");
+        let twice = model
+            .score_batch(&[sequence.as_slice(), sequence.as_slice()])
+            .expect("batch");
+        let what = format!("pair {i} ({} tokens)", lengths[i]);
+        assert_close(
+            &padded[..1],
+            &reference[i..=i],
+            TOL,
+            &format!("{what} padded to 512"),
+        );
+        assert_eq!(twice[0], twice[1], "{what}: two identical rows differ");
+        assert_close(
+            &twice[..1],
+            &reference[i..=i],
+            TOL,
+            &format!("{what} twice"),
+        );
     }
 }
 
@@ -132,13 +179,16 @@ async fn engine_mini_batches_give_the_scores_of_each_pair_alone() {
     let budget = 600;
     let (engine, metrics) = start_engine(budget).await;
     let scores = score(&engine, query, &documents).await;
-    assert_close(&scores, &reference, TOL, "one request, several mini-batches");
+    assert_same_scores(&scores, &reference, "one request, several mini-batches");
     let forward_passes = metrics.batch_size.get_sample_count();
     assert!(
         forward_passes as usize >= total_tokens.div_ceil(budget),
         "{total_tokens} tokens under a {budget}-token budget ran in only {forward_passes} forward passes"
     );
-    assert_eq!(metrics.batch_size.get_sample_sum() as usize, documents.len());
+    assert_eq!(
+        metrics.batch_size.get_sample_sum() as usize,
+        documents.len()
+    );
 
     // The same documents in other orders: each score follows its document.
     let n = documents.len();
@@ -149,7 +199,7 @@ async fn engine_mini_batches_give_the_scores_of_each_pair_alone() {
         let permuted: Vec<String> = order.iter().map(|&i| documents[i].clone()).collect();
         let scores = score(&engine, query, &permuted).await;
         let expected: Vec<f32> = order.iter().map(|&i| reference[i]).collect();
-        assert_close(&scores, &expected, TOL, what);
+        assert_same_scores(&scores, &expected, what);
     }
     engine.shutdown().await;
 }
@@ -194,7 +244,7 @@ async fn concurrent_requests_get_the_scores_of_sequential_ones() {
     );
     for (i, (result, expected)) in concurrent.into_iter().zip(&sequential).enumerate() {
         let scores = result.expect("request task");
-        assert_close(&scores, expected, TOL, &format!("request {i}"));
+        assert_same_scores(&scores, expected, &format!("concurrent request {i}"));
     }
     engine.shutdown().await;
 }

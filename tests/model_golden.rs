@@ -96,14 +96,21 @@ fn golden_file_covers_every_case() {
     // The properties the cases are there for.
     let case = |name: &str| golden.cases.iter().find(|c| c.name == name).unwrap();
     assert!(case("empty_query").query.is_empty());
-    assert!(case("empty_document").documents.iter().any(String::is_empty));
+    assert!(case("empty_document")
+        .documents
+        .iter()
+        .any(String::is_empty));
     assert!(case("emoji").documents.iter().any(|d| !d.is_ascii()));
     let truncation = case("truncation");
     assert!(truncation
         .input_ids
         .iter()
         .any(|ids| ids.len() == truncation.max_length));
-    let lengths: Vec<usize> = case("mixed_lengths").input_ids.iter().map(Vec::len).collect();
+    let lengths: Vec<usize> = case("mixed_lengths")
+        .input_ids
+        .iter()
+        .map(Vec::len)
+        .collect();
     assert!(lengths.iter().max().unwrap() >= &(10 * lengths.iter().min().unwrap()));
 }
 

@@ -40,9 +40,12 @@ pub async fn run(args: ScoreArgs) -> anyhow::Result<()> {
         .read_to_end(&mut raw)
         .context("cannot read stdin")?;
     let text = String::from_utf8(raw).context("stdin is not valid UTF-8")?;
-    let input: Input = serde_json::from_str(&text).context(
-        "stdin must be one JSON object {\"query\": string, \"documents\": [string, ...]}",
-    )?;
+    let expected =
+        "stdin must be one JSON object {\"query\": string, \"documents\": [string, ...]}";
+    let value: serde_json::Value = serde_json::from_str(&text).context(expected)?;
+    // serde would also accept `["q", ["d"]]` for a struct; the contract is an object.
+    anyhow::ensure!(value.is_object(), "{expected}");
+    let input: Input = serde_json::from_value(value).context(expected)?;
     let pairs = input.documents.len().max(1);
     let config = EngineConfig {
         max_documents: pairs,

@@ -135,7 +135,9 @@ impl CrossEncoder {
         }
         let hidden = self.norm.forward(&xs)?;
         let pooled = masked_mean(&hidden, lengths)?;
-        let logits = pooled.matmul(&self.score.t()?)?.squeeze(1)?;
+        // A per-row dot product (not a (b, hidden) x (hidden, 1) matmul, whose gemm kernel depends
+        // on the number of rows), so a pair's logit does not depend on its batch.
+        let logits = pooled.broadcast_mul(&self.score)?.sum(1)?;
         logits / self.temperature
     }
 }

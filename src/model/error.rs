@@ -12,7 +12,7 @@ pub enum ModelError {
         path: PathBuf,
         context: &'static str,
     },
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Io {
         path: PathBuf,
         #[source]
@@ -26,7 +26,7 @@ pub enum ModelError {
         value: String,
         supported: &'static str,
     },
-    #[error("cannot load weights from {files}: {source}")]
+    #[error("cannot load weights from {files}")]
     Weights {
         files: String,
         #[source]
@@ -46,6 +46,8 @@ pub enum ModelError {
     MaxLength { value: usize, max: usize },
     #[error("device error: {0}")]
     Device(String),
+    #[error("unsupported dtype `{0}` (supported: f32, bf16, f16)")]
+    Dtype(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

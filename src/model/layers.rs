@@ -6,7 +6,7 @@
 //! Field names equal the Hugging Face tensor names so `vb.pp(..)` prefixes mirror the checkpoint.
 
 use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{Init, Linear, VarBuilder};
+use candle_nn::{Init, VarBuilder};
 
 use super::config::ModelConfig;
 
@@ -33,8 +33,35 @@ impl Module for RmsNorm {
     }
 }
 
+/// `x @ W^T` without bias, with `W^T` stored contiguous (in, out).
+///
+/// Batch invariance: gemm picks a different kernel (a horizontal dot-product one, with another
+/// rounding) for a column-major right-hand side when `rows × out` is small, so with the plain
+/// `W^T` view a pair's output depended on how many rows (pairs × padded length) shared its batch.
+/// A row-major right-hand side always takes the same kernel, whatever the row count.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight_t: Tensor,
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t, k) = xs.dims3()?;
+        xs.reshape((b * t, k))?
+            .matmul(&self.weight_t)?
+            .reshape((b, t, ()))
+    }
+}
+
 fn linear(vb: VarBuilder, in_dim: usize, out_dim: usize) -> candle_core::Result<Linear> {
-    candle_nn::linear_no_bias(in_dim, out_dim, vb)
+    let weight = vb.get_with_hints(
+        (out_dim, in_dim),
+        "weight",
+        candle_nn::init::DEFAULT_KAIMING_NORMAL,
+    )?;
+    Ok(Linear {
+        weight_t: weight.t()?.contiguous()?,
+    })
 }
 
 /// Multi-head attention with grouped KV heads; every query attends to every real key.
@@ -107,7 +134,8 @@ impl Attention {
         // 4. Scores (b, kv, rep*t, t) + padding-only key mask (b, 1, 1, t); softmax in f32 as the
         //    eager path does (`softmax(attn_weights, dim=-1, dtype=torch.float32).to(q.dtype)`).
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?;
+        // K^T made contiguous for the same batch-invariance reason as in `Linear`.
+        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
         let scores = scores.to_dtype(DType::F32)?.broadcast_add(key_mask)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
 

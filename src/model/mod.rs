@@ -72,11 +72,7 @@ pub fn parse_dtype(spec: &str) -> Result<DType, ModelError> {
         "f32" | "float32" => Ok(DType::F32),
         "bf16" | "bfloat16" => Ok(DType::BF16),
         "f16" | "float16" => Ok(DType::F16),
-        other => Err(ModelError::Unsupported {
-            field: "dtype",
-            value: other.to_string(),
-            supported: "f32, bf16, f16",
-        }),
+        other => Err(ModelError::Dtype(other.to_string())),
     }
 }
 
