@@ -180,6 +180,9 @@ fn percentiles(mut samples: Vec<f64>) -> Percentiles {
 /// What one request cost: (latency, pairs, tokens) or a failure.
 type Outcome = Option<(Duration, u64, u64)>;
 
+/// One in-flight benchmark request, whatever the transport.
+type CallFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send>>;
+
 async fn run_callers<F, Fut>(
     requests: Vec<(String, Vec<String>)>,
     concurrency: usize,
@@ -280,14 +283,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
 fn engine_call(
     engine: Engine,
-) -> impl Fn(
-    String,
-    Vec<String>,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send>>
-       + Clone
-       + Send
-       + Sync
-       + 'static {
+) -> impl Fn(String, Vec<String>) -> CallFuture + Clone + Send + Sync + 'static {
     move |query, documents| {
         let engine = engine.clone();
         Box::pin(async move {
@@ -310,14 +306,7 @@ fn nats_call(
     client: async_nats::Client,
     subject: String,
     timeout: Duration,
-) -> impl Fn(
-    String,
-    Vec<String>,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send>>
-       + Clone
-       + Send
-       + Sync
-       + 'static {
+) -> impl Fn(String, Vec<String>) -> CallFuture + Clone + Send + Sync + 'static {
     move |query, documents| {
         let client = client.clone();
         let subject = subject.clone();
