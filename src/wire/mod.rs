@@ -207,10 +207,23 @@ impl ErrorReply {
 #[error("invalid MessagePack request: {0}")]
 pub struct DecodeError(String);
 
+/// Deepest nesting of arrays and maps accepted in a body. Requests nest 2 deep (map, documents
+/// array); the cap leaves room for unknown fields of later v1 versions. rmp-serde's own default
+/// (1024) recurses deep enough to overflow a 2 MiB tokio thread stack in a debug build: a 1 kB
+/// message of nested arrays in an unknown field aborted the worker (tests/hostile.rs).
+pub const MAX_DEPTH: usize = 32;
+
+/// `rmp_serde::from_slice` with the [`MAX_DEPTH`] cap.
+fn from_slice<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, rmp_serde::decode::Error> {
+    let mut deserializer = rmp_serde::Deserializer::from_read_ref(body);
+    deserializer.set_max_depth(MAX_DEPTH);
+    T::deserialize(&mut deserializer)
+}
+
 /// Decodes a request body (MessagePack map with named fields; arrays in field order are accepted
-/// too, as rmp-serde does).
+/// too, as rmp-serde does). Nesting deeper than [`MAX_DEPTH`] is refused.
 pub fn decode_request(body: &[u8]) -> Result<RerankRequest, DecodeError> {
-    rmp_serde::from_slice(body).map_err(|e| DecodeError(e.to_string()))
+    from_slice(body).map_err(|e| DecodeError(e.to_string()))
 }
 
 /// Encodes any wire message as a MessagePack map with named fields.
@@ -236,7 +249,7 @@ pub fn decode_reply(body: &[u8]) -> Result<ReplyBody, DecodeError> {
         Err(ErrorReply),
         Ok(RerankReply),
     }
-    match rmp_serde::from_slice::<Either>(body) {
+    match from_slice::<Either>(body) {
         Ok(Either::Ok(r)) => Ok(ReplyBody::Ok(r)),
         Ok(Either::Err(e)) => Ok(ReplyBody::Err(e)),
         Err(e) => Err(DecodeError(e.to_string())),

@@ -27,6 +27,9 @@ use crate::nats::{NatsConfig, NatsConnectError};
 use crate::wire;
 use handler::HandlerContext;
 
+/// Longest wait for the last replies to reach the NATS server on the way out.
+const FINAL_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Everything `run` needs besides the engine.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -139,8 +142,12 @@ pub async fn run(
         );
         handlers.abort_all();
     }
-    if let Err(e) = client.flush().await {
-        tracing::warn!(error = %e, "final flush failed");
+    // Bounded: with NATS unreachable the flush waits for a reconnect that may never come, and
+    // SIGTERM must still end the process (tests/chaos.rs).
+    match tokio::time::timeout(FINAL_FLUSH_TIMEOUT, client.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "final flush failed"),
+        Err(_) => tracing::warn!("final flush timed out (NATS unreachable); replies may be lost"),
     }
     connection_watch.abort();
     engine.shutdown().await;
