@@ -44,13 +44,13 @@ impl std::fmt::Debug for NatsConfig {
 /// Connection failure, with the URL (never the credentials).
 #[derive(Debug, thiserror::Error)]
 pub enum NatsConnectError {
-    #[error("cannot read NATS credentials file {path}: {source}")]
+    #[error("cannot read NATS credentials file {path}")]
     Credentials {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot connect to NATS at {url}: {source}")]
+    #[error("cannot connect to NATS at {url}")]
     Connect {
         url: String,
         #[source]

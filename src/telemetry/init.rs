@@ -7,6 +7,7 @@
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::filter::FilterExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -79,15 +80,16 @@ pub fn init(
     opentelemetry::global::set_tracer_provider(provider.clone());
     let tracer = provider.tracer("rerank-service");
 
-    let mut filter = EnvFilter::try_from_default_env()
+    let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,h2=warn,hyper=warn,reqwest=warn"));
-    if !log_text {
-        for target in PAYLOAD_LOGGING_TARGETS {
-            if let Ok(directive) = format!("{target}=debug").parse() {
-                filter = filter.add_directive(directive);
-            }
-        }
-    }
+    // Caps (never raises) the payload-logging libraries below TRACE unless text logs are allowed.
+    let privacy = tracing_subscriber::filter::filter_fn(move |meta| {
+        log_text
+            || *meta.level() != tracing::Level::TRACE
+            || !PAYLOAD_LOGGING_TARGETS
+                .iter()
+                .any(|t| meta.target() == *t || meta.target().starts_with(&format!("{t}::")))
+    });
     let logs = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
@@ -104,7 +106,7 @@ pub fn init(
     let spans = tracing_subscriber::filter::Targets::new()
         .with_target("rerank_service", tracing::Level::INFO);
     tracing_subscriber::registry()
-        .with(logs.with_filter(filter))
+        .with(logs.with_filter(filter.and(privacy)))
         .with(
             tracing_opentelemetry::layer()
                 .with_tracer(tracer)
