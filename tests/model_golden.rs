@@ -298,3 +298,50 @@ fn truncate_none_names_the_document_and_its_token_count() {
         .encode_pairs(&case.query, &[case.documents[2].as_str()], Truncation::None)
         .is_err());
 }
+
+/// A document far longer than max_length is tokenized only up to a safe cut; the pair must come
+/// out exactly as tokenizing the whole text and truncating it.
+#[test]
+fn long_documents_cut_before_tokenizing_give_the_same_tokens() {
+    let mut plain = tokenizers::Tokenizer::from_file(tiny_model_dir().join("tokenizer.json"))
+        .expect("tokenizer.json");
+    plain.with_padding(None);
+    plain.with_truncation(None).expect("no truncation");
+    let words = [
+        "Reranking",
+        "déjà-vu,",
+        "   spaced",
+        "中文",
+        "x",
+        "12345",
+        "\n\n",
+        "it's",
+        "🍕",
+        "end.",
+        "\t",
+        "URL:https://example.com/a?b=c",
+        "Ünïcode",
+        "--",
+        "a",
+        "THE",
+    ];
+    for (max_length, pieces) in [(16usize, 2_000usize), (128, 5_000), (512, 40_000)] {
+        let document: String = (0..pieces)
+            .map(|i| words[(i * 7 + i / 3) % words.len()])
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(
+            document.len() > max_length * 16,
+            "the document must be long enough to be cut"
+        );
+        let query = "what is reranking?";
+        let pair = tokenizer(max_length);
+        let got = pair
+            .encode_pairs(query, &[document.as_str()], Truncation::End)
+            .expect("encode_pairs");
+        let text = format!("question:{query} \n \n passage:{document}");
+        let mut expected = plain.encode(text, true).expect("encode").get_ids().to_vec();
+        expected.truncate(max_length);
+        assert_eq!(got[0], expected, "max_length {max_length}");
+    }
+}

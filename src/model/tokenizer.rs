@@ -114,14 +114,33 @@ impl PairTokenizer {
     }
 
     /// Token ids of ` passage:{document}` (no special tokens), for each document.
-    pub fn encode_documents(&self, documents: &[&str]) -> Result<Vec<Vec<u32>>, ModelError> {
+    ///
+    /// With `Truncation::End` a very long document is tokenized only up to a cut that cannot change
+    /// the tokens before it (see [`safe_cut`]) whenever that prefix already holds `max_length`
+    /// tokens: a 10 MB document then costs what a 32 kB one does, with identical results.
+    pub fn encode_documents(
+        &self,
+        documents: &[&str],
+        truncation: Truncation,
+    ) -> Result<Vec<Vec<u32>>, ModelError> {
+        let encode = |text: &str| {
+            self.tokenizer
+                .encode(format!(" passage:{text}"), false)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| ModelError::Tokenize(e.to_string()))
+        };
         documents
             .iter()
             .map(|doc| {
-                self.tokenizer
-                    .encode(format!(" passage:{doc}"), false)
-                    .map(|e| e.get_ids().to_vec())
-                    .map_err(|e| ModelError::Tokenize(e.to_string()))
+                if truncation == Truncation::End {
+                    if let Some(cut) = safe_cut(doc, self.max_length * PREFIX_BYTES_PER_TOKEN) {
+                        let ids = encode(&doc[..cut])?;
+                        if ids.len() >= self.max_length {
+                            return Ok(ids);
+                        }
+                    }
+                }
+                encode(doc)
             })
             .collect()
     }
@@ -163,9 +182,31 @@ impl PairTokenizer {
         truncation: Truncation,
     ) -> Result<Vec<Vec<u32>>, EncodePairsError> {
         let query = self.encode_query(query)?;
-        let docs = self.encode_documents(documents)?;
+        let docs = self.encode_documents(documents, truncation)?;
         Ok(self.join(&query, docs, truncation)?)
     }
+}
+
+/// Bytes of document text tokenized per token of `max_length` before trying a cut (English averages
+/// ~4 bytes per token; a prefix that still yields too few tokens falls back to the whole text).
+const PREFIX_BYTES_PER_TOKEN: usize = 8;
+
+/// The first byte offset at or after `min` where `text` can be cut without changing the tokens
+/// before the cut: a space followed by an ASCII letter, after a non-whitespace character. Every
+/// alternative of the Llama-3 pre-tokenizer regex that matches before such a point stops at it
+/// (letter runs stop at the space, whitespace runs cannot start before a non-whitespace
+/// character and reach it, ` ?[^\s\p{L}\p{N}]+` stops at the space), and BPE never merges across
+/// pre-tokens, so the tokens of `text[..cut]` are a prefix of the tokens of `text`.
+fn safe_cut(text: &str, min: usize) -> Option<usize> {
+    let bytes = text.as_bytes();
+    (min.max(1)..bytes.len().saturating_sub(1)).find(|&i| {
+        bytes[i] == b' '
+            && bytes[i + 1].is_ascii_alphabetic()
+            && text[..i]
+                .chars()
+                .next_back()
+                .is_some_and(|c| !c.is_whitespace())
+    })
 }
 
 /// Failure of [`PairTokenizer::encode_pairs`].
