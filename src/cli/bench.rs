@@ -135,20 +135,59 @@ impl SplitMix {
     }
 }
 
-/// The requests of one run, deterministic in `seed`.
-pub fn workload_requests(args: &BenchArgs, count: usize) -> Vec<(String, Vec<String>)> {
-    let (docs, lo, hi) = match args.workload {
-        Workload::Seed => (15, 60, 268),
-        Workload::Long => (100, 512, 512),
-        Workload::Custom => (args.documents, args.min_tokens, args.max_tokens),
-    };
-    let mut rng = SplitMix(args.seed);
+/// The shape of a run's requests.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkloadSpec {
+    pub documents: usize,
+    pub min_tokens: usize,
+    pub max_tokens: usize,
+    pub seed: u64,
+}
+
+impl WorkloadSpec {
+    /// The RAG chatbot's shape: 15 documents of 60–268 tokens.
+    pub fn seed_shape(seed: u64) -> Self {
+        Self {
+            documents: 15,
+            min_tokens: 60,
+            max_tokens: 268,
+            seed,
+        }
+    }
+}
+
+impl BenchArgs {
+    fn workload_spec(&self) -> WorkloadSpec {
+        match self.workload {
+            Workload::Seed => WorkloadSpec::seed_shape(self.seed),
+            Workload::Long => WorkloadSpec {
+                documents: 100,
+                min_tokens: 512,
+                max_tokens: 512,
+                seed: self.seed,
+            },
+            Workload::Custom => WorkloadSpec {
+                documents: self.documents,
+                min_tokens: self.min_tokens,
+                max_tokens: self.max_tokens,
+                seed: self.seed,
+            },
+        }
+    }
+}
+
+/// The requests of one run, deterministic in the spec's seed.
+pub fn workload_requests(spec: &WorkloadSpec, count: usize) -> Vec<(String, Vec<String>)> {
+    let mut rng = SplitMix(spec.seed);
     (0..count)
         .map(|r| {
-            let documents = (0..docs)
+            let documents = (0..spec.documents)
                 .map(|_| {
                     // The template and query take ~12 tokens of the pair's length.
-                    let words = rng.range(lo, hi).saturating_sub(12).max(1);
+                    let words = rng
+                        .range(spec.min_tokens, spec.max_tokens)
+                        .saturating_sub(12)
+                        .max(1);
                     (0..words)
                         .map(|_| WORDS[(rng.next() % WORDS.len() as u64) as usize])
                         .collect::<Vec<_>>()
@@ -220,7 +259,7 @@ where
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let total = args.warmup_requests + args.requests;
-    let mut requests = workload_requests(&args, total);
+    let mut requests = workload_requests(&args.workload_spec(), total);
     let measured = requests.split_off(args.warmup_requests.min(requests.len()));
     let warmup = requests;
 

@@ -4,6 +4,7 @@ pub mod args;
 pub mod bench;
 pub mod download;
 pub mod load;
+pub mod loadgen;
 pub mod score;
 pub mod serve;
 pub mod sidecar;
@@ -27,6 +28,9 @@ pub enum Command {
     Worker(worker::WorkerArgs),
     /// Download the model into the Hugging Face cache and exit.
     Download(download::DownloadArgs),
+    /// Hold a steady load on a running pool through the real client and report failures,
+    /// latency and worker memory (long chaos drills).
+    Loadgen(loadgen::LoadgenArgs),
     /// Measure throughput and latency of the engine, or of a worker pool over NATS.
     Bench(bench::BenchArgs),
     /// Serve the HTTP API (/rerank, /v1/rerank, /v1/ranking, /health...) in front of the pool.
@@ -40,6 +44,14 @@ impl Cli {
         match self.command {
             Command::Score(args) => score::run(args).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::Loadgen(args) => {
+                let _guard = crate::telemetry::init(
+                    "rerank-loadgen",
+                    crate::telemetry::LogFormat::Text,
+                    false,
+                )?;
+                loadgen::run(args).await
+            }
             Command::Download(args) => {
                 let _guard = crate::telemetry::init(
                     "rerank-download",
