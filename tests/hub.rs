@@ -547,3 +547,54 @@ async fn sharded_repo_gives_identical_scores() {
         );
     }
 }
+
+/// `rerank download` (the Helm chart's pre-download init container): fills the cache from the Hub
+/// and exits 0, after which a worker-style run works with `HF_HUB_OFFLINE=1` and no hub at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn download_command_prefills_the_cache_for_offline_workers() {
+    let expected = local_answer().await;
+    let mut hub = RunningHub::start(fake_hub()).await;
+    let home = tempfile::tempdir().expect("HF_HOME");
+    let output = within(
+        Duration::from_secs(120),
+        "rerank download",
+        tokio::process::Command::new(rerank_bin())
+            .args(["download", "--model", REPO])
+            .env("HF_HOME", home.path())
+            .env("HF_ENDPOINT", &hub.endpoint)
+            .env("NO_PROXY", "127.0.0.1,localhost")
+            .env_remove("HF_HUB_OFFLINE")
+            .env_remove("HF_TOKEN")
+            .output(),
+    )
+    .await
+    .expect("rerank download ran");
+    assert!(
+        output.status.success(),
+        "download failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        printed.contains("models--test-org--tiny-rerank"),
+        "prints the snapshot directory: {printed}"
+    );
+    hub.stop().await;
+    let offline = rerank_score(REPO, home.path(), &[("HF_HUB_OFFLINE", "1")]).await;
+    offline.assert_ok("offline after rerank download");
+    assert_eq!(offline.stdout, expected);
+
+    // A repo that does not exist fails the Job loudly.
+    let hub = RunningHub::start(fake_hub()).await;
+    let missing = tokio::process::Command::new(rerank_bin())
+        .args(["download", "--model", "test-org/no-such-model"])
+        .env("HF_HOME", home.path())
+        .env("HF_ENDPOINT", &hub.endpoint)
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .env_remove("HF_HUB_OFFLINE")
+        .output()
+        .await
+        .expect("rerank download ran");
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("test-org/no-such-model"));
+}

@@ -67,7 +67,12 @@ pub async fn run_worker(
     let config = engine.to_config(!model.device.starts_with("cpu"))?;
     let (engine, info) = start_engine(model, config, engine_metrics).await?;
     let config = WorkerConfig {
-        nats: nats.to_config(&format!("rerank-worker-{}", std::process::id())),
+        nats: crate::nats::NatsConfig {
+            // Small: a busy worker must not hoard messages in its client buffer; the handler takes
+            // each message at once and answers `overloaded` itself when it cannot queue the work.
+            subscription_capacity: 128,
+            ..nats.to_config(&format!("rerank-worker-{}", std::process::id()))
+        },
         subject: nats.subject.clone(),
         queue_group: options.queue_group.clone(),
         max_inflight_requests: options.max_inflight_requests,
