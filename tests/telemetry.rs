@@ -12,6 +12,16 @@ use rerank_service::wire::{self, RerankRequest};
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CALLER_SPAN: &str = "00f067aa0ba902b7";
 
+/// The worker's spans for one request, in order; all children of `worker.request` but the first.
+const WORKER_CHAIN: [&str; 6] = [
+    "worker.request",
+    "worker.decode",
+    "engine.tokenize",
+    "engine.queue",
+    "engine.batch",
+    "worker.reply",
+];
+
 fn otel_env(endpoint: &str) -> Vec<(&'static str, String)> {
     vec![
         ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.to_string()),
@@ -50,16 +60,8 @@ async fn worker_continues_the_callers_trace_through_every_stage() {
     .await
     .unwrap();
 
-    let names = [
-        "worker.request",
-        "worker.decode",
-        "engine.tokenize",
-        "engine.queue",
-        "engine.batch",
-        "worker.reply",
-    ];
     let spans = receiver
-        .wait_for(TRACE_ID, &names, Duration::from_secs(20))
+        .wait_for(TRACE_ID, &WORKER_CHAIN, Duration::from_secs(20))
         .await;
     let by_name = |n: &str| spans.iter().find(|s| s.name == n).unwrap().clone();
     let root = by_name("worker.request");
@@ -72,13 +74,7 @@ async fn worker_continues_the_callers_trace_through_every_stage() {
         "service name: {}",
         root.service
     );
-    for child in [
-        "worker.decode",
-        "engine.tokenize",
-        "engine.queue",
-        "engine.batch",
-        "worker.reply",
-    ] {
+    for child in &WORKER_CHAIN[1..] {
         assert_eq!(
             by_name(child).parent_span_id,
             root.span_id,
@@ -240,16 +236,10 @@ async fn one_trace_from_http_through_nats_to_the_device() {
     .unwrap();
     assert_eq!(response.status(), 200);
 
-    let chain = [
-        "sidecar.request",
-        "client.request",
-        "worker.request",
-        "worker.decode",
-        "engine.tokenize",
-        "engine.queue",
-        "engine.batch",
-        "worker.reply",
-    ];
+    let chain: Vec<&str> = ["sidecar.request", "client.request"]
+        .into_iter()
+        .chain(WORKER_CHAIN)
+        .collect();
     let spans = receiver
         .wait_for(trace_id, &chain, Duration::from_secs(20))
         .await;

@@ -272,6 +272,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             let (engine, info) = start_engine(&args.model, config, metrics.clone()).await?;
             let call = engine_call(engine.clone());
             run_callers(warmup, args.concurrency, call.clone()).await;
+            // The warm-up requests ran through the same instruments: report only the measured run.
+            let buckets_before = cumulative_buckets(&metrics.batch_size);
             let (passes_before, pairs_before, padded_before) = (
                 metrics.batch_size.get_sample_count(),
                 metrics.batch_size.get_sample_sum(),
@@ -281,12 +283,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             let passes = metrics.batch_size.get_sample_count() - passes_before;
             let pairs = metrics.batch_size.get_sample_sum() - pairs_before;
             let padded = metrics.batch_padded_tokens.get_sample_sum() - padded_before;
-            let proto = metrics.batch_size.metric();
-            let pairs_histogram = proto
-                .get_histogram()
-                .get_bucket()
-                .iter()
-                .map(|b| (b.upper_bound(), b.cumulative_count()))
+            let pairs_histogram = cumulative_buckets(&metrics.batch_size)
+                .into_iter()
+                .zip(buckets_before)
+                .map(|((bound, after), (_, before))| (bound, after - before))
                 .collect();
             engine.shutdown().await;
             let mut report = summarize(&args, &info.device, &info.dtype, outcomes, elapsed);
@@ -318,6 +318,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
+}
+
+/// (upper bound, cumulative count) of every bucket of `histogram`.
+fn cumulative_buckets(histogram: &prometheus::Histogram) -> Vec<(f64, u64)> {
+    histogram
+        .metric()
+        .get_histogram()
+        .get_bucket()
+        .iter()
+        .map(|b| (b.upper_bound(), b.cumulative_count()))
+        .collect()
 }
 
 fn engine_call(
