@@ -1138,7 +1138,7 @@ async fn hostile_inputs_get_typed_errors_and_the_service_stays_healthy() {
     }
     // A request without a reply subject is dropped (nobody to answer), and harms nothing.
     within(
-        Duration::from_secs(5),
+        PATIENCE,
         "publish without reply",
         client.publish(wire::SUBJECT_V1, Bytes::from(mp_bomb(100_000, true))),
     )
@@ -1148,7 +1148,7 @@ async fn hostile_inputs_get_typed_errors_and_the_service_stays_healthy() {
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("traceparent", "00-not-a-trace-id-at-all");
     let traced = within(
-        Duration::from_secs(30),
+        PATIENCE,
         "garbage traceparent over NATS",
         client.send_request(
             wire::SUBJECT_V1,

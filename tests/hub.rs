@@ -379,7 +379,7 @@ async fn fake_hub_speaks_http_ranges() {
             request = request.header("range", range);
         }
         async move {
-            within(Duration::from_secs(10), "fake hub GET", request.send())
+            within(PATIENCE, "fake hub GET", request.send())
                 .await
                 .expect("GET")
         }

@@ -12,7 +12,8 @@ use candle_core::{DType, Device};
 use common::*;
 use rerank_service::engine::{Engine, EngineConfig, EngineMetrics, ScoreRequest};
 use rerank_service::model::{
-    CrossEncoder, EncodePairsError, ModelConfig, ModelFiles, PairTokenizer, TooLong, Truncation,
+    CrossEncoder, EncodePairsError, ModelConfig, ModelFiles, PairTokenizer, TokenizeWork,
+    Truncation,
 };
 
 /// Golden scores are an f32 reference run; ours must agree this closely.
@@ -40,8 +41,7 @@ fn load_model(max_positions: usize) -> CrossEncoder {
 }
 
 fn tokenizer(max_length: usize) -> PairTokenizer {
-    PairTokenizer::from_file(&tiny_model_dir().join("tokenizer.json"), max_length)
-        .expect("tokenizer.json loads")
+    PairTokenizer::new(plain_tokenizer().clone(), max_length).expect("tokenizer.json loads")
 }
 
 fn docs(case: &GoldenCase) -> Vec<&str> {
@@ -138,10 +138,7 @@ fn tokenization_matches_golden_input_ids() {
 /// (queries ending in whitespace, newlines, punctuation, digits; documents starting with them).
 #[test]
 fn split_tokenization_equals_whole_string_tokenization() {
-    let mut plain = tokenizers::Tokenizer::from_file(tiny_model_dir().join("tokenizer.json"))
-        .expect("tokenizer.json");
-    plain.with_padding(None);
-    plain.with_truncation(None).expect("no truncation");
+    let plain = plain_tokenizer();
     let pair = tokenizer(8192);
     let queries = [
         "",
@@ -246,7 +243,7 @@ async fn engine_on_golden_texts_matches_reference() {
 }
 
 #[test]
-fn truncate_none_names_the_document_and_its_token_count() {
+fn truncate_none_names_the_document_and_bounds_its_token_count() {
     let case = golden()
         .cases
         .into_iter()
@@ -267,23 +264,28 @@ fn truncate_none_names_the_document_and_its_token_count() {
     let EncodePairsError::TooLong(too_long) = err else {
         panic!("expected TooLong, got {err}");
     };
+    // Tokenizing stops once the pair is known to be too long: the count is exact, or a lower
+    // bound above max_length.
     assert_eq!(
-        too_long,
-        TooLong {
-            doc_index: 0,
-            tokens: full[0],
-            max_length: case.max_length
-        }
+        (too_long.doc_index, too_long.max_length),
+        (0, case.max_length)
     );
+    assert!(
+        too_long.tokens > case.max_length && too_long.tokens <= full[0],
+        "{too_long:?}, full count {}",
+        full[0]
+    );
+    assert_eq!(too_long.exact, too_long.tokens == full[0], "{too_long:?}");
     let message = too_long.to_string();
     assert!(message.contains("document 0"), "{message}");
-    assert!(message.contains(&full[0].to_string()), "{message}");
+    assert!(message.contains(&too_long.tokens.to_string()), "{message}");
 
     // The first offender after a document that fits is named by its own index.
     let short_first = [case.documents[2].as_str(), case.documents[1].as_str()];
     match strict.encode_pairs(&case.query, &short_first, Truncation::None) {
         Err(EncodePairsError::TooLong(t)) => {
-            assert_eq!((t.doc_index, t.tokens), (1, full[1]));
+            assert_eq!(t.doc_index, 1);
+            assert!(t.tokens > case.max_length && t.tokens <= full[1], "{t:?}");
             assert!(t.to_string().contains("document 1"), "{t}");
         }
         other => panic!("expected TooLong for document 1, got {other:?}"),
@@ -303,10 +305,7 @@ fn truncate_none_names_the_document_and_its_token_count() {
 /// out exactly as tokenizing the whole text and truncating it.
 #[test]
 fn long_documents_cut_before_tokenizing_give_the_same_tokens() {
-    let mut plain = tokenizers::Tokenizer::from_file(tiny_model_dir().join("tokenizer.json"))
-        .expect("tokenizer.json");
-    plain.with_padding(None);
-    plain.with_truncation(None).expect("no truncation");
+    let plain = plain_tokenizer();
     let words = [
         "Reranking",
         "déjà-vu,",
@@ -344,4 +343,165 @@ fn long_documents_cut_before_tokenizing_give_the_same_tokens() {
         expected.truncate(max_length);
         assert_eq!(got[0], expected, "max_length {max_length}");
     }
+}
+
+/// Whole-text tokenization of `[BOS] question:{query} \n \n passage:{document}`, cut at
+/// `max_length`: what Hugging Face does, at whatever cost.
+fn reference_pair(query: &str, document: &str, max_length: usize) -> Vec<u32> {
+    let plain = plain_tokenizer();
+    let text = format!("question:{query} \n \n passage:{document}");
+    let mut ids = plain.encode(text, true).expect("encode").get_ids().to_vec();
+    ids.truncate(max_length);
+    ids
+}
+
+/// Documents built from pieces that stress the safe cuts: letters of many scripts next to digits,
+/// punctuation, whitespace runs, contractions, emoji and added (special) tokens.
+fn stress_document(seed: usize, pieces: usize) -> String {
+    const PIECES: &[&str] = &[
+        "Reranking",
+        "déjà",
+        "-vu,",
+        "   ",
+        "中文",
+        "，",
+        "日本語",
+        "。",
+        "x",
+        "12345",
+        "\n\n",
+        "it's",
+        "THEY'LL",
+        "'d",
+        "🍕",
+        "end.",
+        "\t",
+        "https://example.com/a?b=c",
+        "Ünïcode",
+        "--",
+        "a",
+        "<|eot_id|>",
+        "<|begin_of_text|>",
+        "Привет",
+        "мир",
+        "!",
+        "١٢٣",
+        "ক্ষ",
+        "नमस्ते",
+        " ",
+        "ﬁ",
+        "Ⅻ",
+        "x\u{301}",
+        "_",
+        "'",
+        "ab'",
+        "s",
+    ];
+    let mut state = (seed as u64).wrapping_mul(6364136223846793005) ^ 1442695040888963407;
+    (0..pieces)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            PIECES[(state >> 33) as usize % PIECES.len()]
+        })
+        .collect()
+}
+
+/// Cutting a long text before tokenizing it must give exactly the whole text's first tokens, for
+/// every script and separator, and for queries that alone overflow the window.
+#[test]
+fn bounded_tokenization_gives_the_whole_texts_first_tokens() {
+    for max_length in [8usize, 16, 64, 512] {
+        let pair = tokenizer(max_length);
+        for seed in 0..24 {
+            let document = stress_document(seed, max_length * 6 + 40);
+            let query = if seed % 4 == 0 {
+                stress_document(seed + 1000, max_length * 4)
+            } else {
+                "what is reranking?".to_string()
+            };
+            let got = pair
+                .encode_pairs(&query, &[document.as_str()], Truncation::End)
+                .expect("encode_pairs");
+            assert_eq!(
+                got[0],
+                reference_pair(&query, &document, max_length),
+                "max_length {max_length}, seed {seed}"
+            );
+        }
+    }
+}
+
+/// Tokenizing costs O(max_length), not O(document), in both modes: a 5 MB document is cut or
+/// refused for about what a 5 KB one costs, counted in bytes handed to the tokenizer.
+#[test]
+fn tokenization_work_is_bounded_by_max_length_not_by_the_text() {
+    const MAX_LENGTH: usize = 512;
+    /// The documented bound per text: (max_length + 1) × the longest token (128 bytes in Llama 3),
+    /// plus the template's own words.
+    const BOUND: u64 = (MAX_LENGTH as u64 + 1) * 128 + 16;
+    let pair = tokenizer(MAX_LENGTH);
+    let work = |query: &str, document: &str, truncation| {
+        let mut work = TokenizeWork::default();
+        let result = pair
+            .encode_counting(query, &[document], truncation, &mut work)
+            .map(|pairs| pairs.into_iter().map(|p| p.ids).collect::<Vec<_>>());
+        (result, work)
+    };
+    let small = "word ".repeat(1_000);
+    let texts = [
+        ("5 MB of words", "word ".repeat(1_000_000)),
+        ("5 MB of one letter", "a".repeat(5_000_000)),
+        ("5 MB of CJK without spaces", "中文".repeat(800_000)),
+        ("5 MB of spaces", " ".repeat(5_000_000)),
+        ("5 MB of digits", "1234567890".repeat(500_000)),
+        ("5 MB of emoji", "🍕".repeat(1_250_000)),
+    ];
+    let (_, small_end) = work("q", &small, Truncation::End);
+    let (small_none, small_none_work) = work("q", &small, Truncation::None);
+    assert!(
+        matches!(small_none, Err(EncodePairsError::TooLong(_))),
+        "5 KB of words is over 512 tokens"
+    );
+    for (name, big) in &texts {
+        let (end, end_work) = work("q", big, Truncation::End);
+        let ids = end.unwrap_or_else(|e| panic!("{name}: END must score: {e}"));
+        assert_eq!(ids[0].len(), MAX_LENGTH, "{name}: cut at max_length");
+        assert!(
+            end_work.bytes <= BOUND,
+            "{name}: END tokenized {end_work:?}"
+        );
+        let (none, none_work) = work("q", big, Truncation::None);
+        match none {
+            Err(EncodePairsError::TooLong(t)) => {
+                assert_eq!(t.doc_index, 0);
+                assert!(t.tokens > MAX_LENGTH, "{name}: {t}");
+            }
+            other => panic!("{name}: NONE must refuse, got {other:?}"),
+        }
+        assert!(
+            none_work.bytes <= small_none_work.bytes,
+            "{name}: refusing 5 MB ({none_work:?}) must cost no more than 5 KB ({small_none_work:?})"
+        );
+        // A word-rich 5 MB document costs what the 5 KB one does.
+        if *name == "5 MB of words" {
+            assert_eq!(end_work, small_end, "{name}");
+        }
+        // The same bound holds for the query half.
+        let (query_end, query_work) = work(big, "d", Truncation::End);
+        assert_eq!(query_end.expect("END")[0].len(), MAX_LENGTH, "{name}");
+        assert!(query_work.bytes <= BOUND, "{name}: query {query_work:?}");
+        let (query_none, _) = work(big, "d", Truncation::None);
+        assert!(
+            matches!(query_none, Err(EncodePairsError::TooLong(_))),
+            "{name}: an overlong query under NONE"
+        );
+    }
+    // The cut pair is exactly what tokenizing everything and truncating gives.
+    let (end, _) = work("q", &texts[0].1, Truncation::End);
+    assert_eq!(
+        end.expect("END")[0],
+        reference_pair("q", &texts[0].1, MAX_LENGTH)
+    );
 }

@@ -5,7 +5,6 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
@@ -13,20 +12,16 @@ use rerank_service::nats::NatsConfig;
 use rerank_service::wire::{self, ReplyBody, RerankRequest};
 
 async fn served_through(config: NatsConfig) {
-    let client = within(
-        Duration::from_secs(10),
-        "authenticated connect",
-        config.connect(),
-    )
-    .await
-    .expect("connect with credentials");
+    let client = within(PATIENCE, "authenticated connect", config.connect())
+        .await
+        .expect("connect with credentials");
     let request = RerankRequest {
         query: "q".into(),
         documents: vec!["a".into()],
         ..Default::default()
     };
     let reply = within(
-        Duration::from_secs(20),
+        PATIENCE,
         "authenticated request",
         client.request(wire::SUBJECT_V1, Bytes::from(wire::encode(&request))),
     )

@@ -39,7 +39,7 @@ async fn direct_scores(nats_url: &str, query: &str, documents: &[&str]) -> Vec<f
         ..Default::default()
     };
     let message = within(
-        Duration::from_secs(30),
+        PATIENCE,
         "direct request",
         client.request(wire::SUBJECT_V1, wire::encode(&request).into()),
     )
@@ -381,14 +381,8 @@ async fn health_with_zero_one_two_workers_and_dead_ones() {
     let sidecar = Sidecar::start(&nats.url()).await;
     let doc = openapi();
 
-    // Zero workers: 503 within a second, with the reason.
-    let started = Instant::now();
+    // Zero workers: 503 with the reason.
     let answer = get(&sidecar.url("/health"), None).await;
-    assert!(
-        started.elapsed() < Duration::from_secs(1),
-        "took {:?}",
-        started.elapsed()
-    );
     assert_eq!(answer.status, 503, "{}", answer.text);
     let body = answer.json();
     assert_eq!(body["status"], "unhealthy");
@@ -420,7 +414,7 @@ async fn health_with_zero_one_two_workers_and_dead_ones() {
     let mut second = WorkerProcess::start(&nats.url(), &[]);
     assert_eq!(get(&sidecar.url("/health"), None).await.status, 200);
     let workers = within(
-        Duration::from_secs(2),
+        PATIENCE,
         "discovery",
         sidecar.state.client().workers(Duration::from_millis(300)),
     )
@@ -609,7 +603,7 @@ async fn bearer_auth_on_and_off() {
     );
     // The scheme is case-insensitive.
     let answer = within(
-        Duration::from_secs(10),
+        PATIENCE,
         "lowercase bearer",
         http()
             .get(locked.url("/health"))

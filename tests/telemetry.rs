@@ -36,7 +36,7 @@ async fn worker_continues_the_callers_trace_through_every_stage() {
     let env = otel_env(&receiver.endpoint);
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let _worker = WorkerProcess::start_with_env(&nats.url(), &[], &env);
-    let client = async_nats::connect(nats.url()).await.unwrap();
+    let client = connect_nats(&nats.url()).await;
 
     let mut headers = async_nats::HeaderMap::new();
     headers.insert(
@@ -49,7 +49,7 @@ async fn worker_continues_the_callers_trace_through_every_stage() {
         ..Default::default()
     };
     within(
-        Duration::from_secs(10),
+        PATIENCE,
         "request",
         client.request_with_headers(
             wire::SUBJECT_V1,
@@ -101,7 +101,7 @@ async fn worker_continues_the_callers_trace_through_every_stage() {
 async fn worker_metrics_add_up_and_count_failures_by_code() {
     let nats = NatsServer::start();
     let worker = WorkerProcess::start(&nats.url(), &["--max-documents", "5"]);
-    let client = async_nats::connect(nats.url()).await.unwrap();
+    let client = connect_nats(&nats.url()).await;
     let ok = RerankRequest {
         query: "q".into(),
         documents: vec!["a".into(), "bb".into()],
@@ -224,7 +224,7 @@ async fn one_trace_from_http_through_nats_to_the_device() {
     let trace_id = "0af7651916cd43dd8448eb211c80319c";
     let incoming_span = "b7ad6b7169203331";
     let response = within(
-        Duration::from_secs(20),
+        PATIENCE,
         "POST /rerank",
         reqwest::Client::new()
             .post(format!("http://127.0.0.1:{}/rerank", sidecar.port))

@@ -63,6 +63,7 @@ fn examples() -> Vec<(&'static str, &'static str, serde_json::Value, Vec<u8>)> {
             tokens: 57,
         },
         request_id: Some("req-42".into()),
+        spans: None,
     };
     let error = ErrorReply::new(
         ErrorCode::DocumentTooLong,

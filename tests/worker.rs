@@ -10,18 +10,12 @@ use common::*;
 use rerank_service::wire::{self, ErrorCode, ReplyBody, RerankRequest, Truncate};
 
 async fn connect(url: &str) -> async_nats::Client {
-    within(
-        Duration::from_secs(10),
-        "connect to nats",
-        async_nats::connect(url),
-    )
-    .await
-    .expect("connect")
+    connect_nats(url).await
 }
 
 async fn request_raw(client: &async_nats::Client, payload: Vec<u8>) -> async_nats::Message {
     within(
-        Duration::from_secs(30),
+        PATIENCE,
         "request reply",
         client.request(wire::SUBJECT_V1, Bytes::from(payload)),
     )
@@ -296,7 +290,7 @@ async fn sigterm_answers_every_accepted_request_and_exits_zero() {
         tasks.spawn(async move { rerank(&client, &req).await });
     }
     // Let the requests reach the worker, then ask it to stop while they are queued.
-    within(Duration::from_secs(10), "work queued", async {
+    within(PATIENCE, "work queued", async {
         loop {
             let (_, m) = http_get(worker.health_port, "/metrics").unwrap_or_default();
             if metric_sum(&m, "rerank_inflight_requests") >= 8.0 {
@@ -377,7 +371,7 @@ async fn worker_reconnects_after_a_nats_restart() {
     nats.restart();
     let client = connect(&nats.url()).await;
     let reply = within(
-        Duration::from_secs(30),
+        PATIENCE,
         "served after restart",
         rerank_with_retries(&client, &request("q", &["a"])),
     )
@@ -405,7 +399,7 @@ async fn service_discovery_reports_model_metadata() {
     let _worker = WorkerProcess::start(&nats.url(), &[]);
     let client = connect(&nats.url()).await;
     let info = within(
-        Duration::from_secs(5),
+        PATIENCE,
         "$SRV.INFO",
         client.request("$SRV.INFO.rerank", Bytes::new()),
     )
@@ -422,19 +416,27 @@ async fn service_discovery_reports_model_metadata() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stuck_model_step_respects_deadlines_and_skips_abandoned_work() {
     let nats = NatsServer::start();
-    let worker = WorkerProcess::start(&nats.url(), &["--fault-batch-delay-ms", "800"]);
+    let worker = WorkerProcess::start(&nats.url(), &["--fault-batch-delay-ms", "1500"]);
     let client = connect(&nats.url()).await;
-    let pairs_scored = || {
+    let metric = |name: &str| {
         let (_, m) = http_get(worker.health_port, "/metrics").expect("metrics");
-        metric_sum(&m, "rerank_pairs_total")
+        metric_sum(&m, name)
     };
-    let before = pairs_scored();
+    let before = metric("rerank_pairs_total");
     // A occupies the (slow) device; B and C queue behind it with deadlines that pass meanwhile.
     let occupy = {
         let client = client.clone();
         tokio::spawn(async move { rerank(&client, &request("a", &["x", "y"])).await })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Wait until A has been tokenized and admitted and has left the queue for the device.
+    let started = std::time::Instant::now();
+    while !(metric("rerank_inflight_requests") >= 1.0
+        && metric("rerank_tokenize_seconds_count") >= 1.0
+        && metric("rerank_queue_pairs") == 0.0)
+    {
+        assert!(started.elapsed() < PATIENCE, "A never reached the device");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -448,20 +450,15 @@ async fn a_stuck_model_step_respects_deadlines_and_skips_abandoned_work() {
         late_tasks.push(tokio::spawn(async move { rerank(&client, &late).await }));
     }
     for task in late_tasks {
-        match within(Duration::from_secs(10), "late reply", task)
-            .await
-            .unwrap()
-        {
+        match within(PATIENCE, "late reply", task).await.unwrap() {
             ReplyBody::Err(e) => assert_eq!(e.error.code, ErrorCode::DeadlineExceeded),
             ok => panic!("expected deadline_exceeded, got {ok:?}"),
         }
     }
     assert!(matches!(
-        within(Duration::from_secs(10), "occupying reply", occupy)
-            .await
-            .unwrap(),
+        within(PATIENCE, "occupying reply", occupy).await.unwrap(),
         ReplyBody::Ok(_)
     ));
     // Only A's two pairs reached the device; the abandoned requests cost nothing.
-    assert_eq!(pairs_scored() - before, 2.0);
+    assert_eq!(metric("rerank_pairs_total") - before, 2.0);
 }

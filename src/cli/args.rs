@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, ValueEnum};
 
 use crate::engine::EngineConfig;
-use crate::model::{Truncation, DEFAULT_MODEL_ID};
+use crate::model::{ChunkPolicy, Truncation, DEFAULT_MODEL_ID};
 
 /// Which model to load and how to run it.
 #[derive(Debug, Clone, Args)]
@@ -59,6 +59,10 @@ pub struct EngineArgs {
     /// Documents allowed in one request (`too_many_documents` beyond).
     #[arg(long, env = "RERANK_MAX_DOCUMENTS", default_value_t = 1_000)]
     pub max_documents: usize,
+    /// Most windows per document a `truncate: CHUNK` request may ask for; each window is a pair
+    /// of work (a request without `max_chunks_per_doc` gets 10).
+    #[arg(long, env = "RERANK_MAX_CHUNKS_PER_DOC", default_value_t = 32)]
+    pub max_chunks_per_doc: usize,
     /// Largest share of padding in one forward pass before a length-sorted batch is split.
     #[arg(long, env = "RERANK_MAX_PADDING", default_value_t = 0.2)]
     pub max_padding: f64,
@@ -92,6 +96,7 @@ impl EngineArgs {
             max_batch_tokens: self.max_batch_tokens,
             max_queue_pairs: self.max_queue_pairs,
             max_documents: self.max_documents,
+            max_chunks_per_doc: self.max_chunks_per_doc.max(1),
             max_padding: self.max_padding.clamp(0.0, 1.0),
             fault_batch_delay: std::time::Duration::from_millis(self.fault_batch_delay_ms),
             warmup_tokens: self.warmup_tokens.unwrap_or(if on_gpu {
@@ -103,13 +108,14 @@ impl EngineArgs {
     }
 }
 
-/// `--truncate END|NONE`.
+/// `--truncate END|NONE|CHUNK`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
 #[value(rename_all = "UPPER")]
 pub enum TruncateArg {
     #[default]
     End,
     None,
+    Chunk,
 }
 
 impl From<TruncateArg> for Truncation {
@@ -117,6 +123,7 @@ impl From<TruncateArg> for Truncation {
         match t {
             TruncateArg::End => Truncation::End,
             TruncateArg::None => Truncation::None,
+            TruncateArg::Chunk => Truncation::Chunk(ChunkPolicy::default()),
         }
     }
 }

@@ -17,7 +17,9 @@ use prometheus::core::Metric;
 use crate::engine::{Engine, EngineMetrics, ScoreRequest};
 use crate::wire::{self, ReplyBody, RerankRequest};
 
-use super::args::{EngineArgs, ModelArgs, NatsArgs};
+use crate::model::{ChunkPolicy, Truncation, DEFAULT_CHUNK_OVERLAP};
+
+use super::args::{EngineArgs, ModelArgs, NatsArgs, TruncateArg};
 use super::load::start_engine;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -62,6 +64,12 @@ pub struct BenchArgs {
     /// Seed of the document lengths and words.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Engine mode: how long documents are treated (CHUNK scores up to --max-chunks-per-doc
+    /// windows of --chunk-overlap tokens' overlap per document).
+    #[arg(long, value_enum, default_value_t = TruncateArg::End)]
+    pub truncate: TruncateArg,
+    #[arg(long, default_value_t = DEFAULT_CHUNK_OVERLAP)]
+    pub chunk_overlap: usize,
     /// Per-request timeout in NATS mode, seconds.
     #[arg(long, default_value_t = 60)]
     pub timeout: u64,
@@ -270,7 +278,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 .engine
                 .to_config(!args.model.device.starts_with("cpu"))?;
             let (engine, info) = start_engine(&args.model, config, metrics.clone()).await?;
-            let call = engine_call(engine.clone());
+            let truncation = match args.truncate {
+                TruncateArg::Chunk => Truncation::Chunk(ChunkPolicy {
+                    overlap: args.chunk_overlap,
+                    max_chunks: args.engine.max_chunks_per_doc,
+                }),
+                other => other.into(),
+            };
+            let call = engine_call(engine.clone(), truncation);
             run_callers(warmup, args.concurrency, call.clone()).await;
             // The warm-up requests ran through the same instruments: report only the measured run.
             let buckets_before = cumulative_buckets(&metrics.batch_size);
@@ -333,21 +348,26 @@ fn cumulative_buckets(histogram: &prometheus::Histogram) -> Vec<(f64, u64)> {
 
 fn engine_call(
     engine: Engine,
+    truncation: Truncation,
 ) -> impl Fn(String, Vec<String>) -> CallFuture + Clone + Send + Sync + 'static {
     move |query, documents| {
         let engine = engine.clone();
         Box::pin(async move {
             let started = Instant::now();
-            let pairs = documents.len() as u64;
             let response = engine
                 .score(ScoreRequest {
                     query,
                     documents,
-                    ..Default::default()
+                    truncation,
+                    deadline: None,
                 })
                 .await
                 .ok()?;
-            Some((started.elapsed(), pairs, response.tokens as u64))
+            Some((
+                started.elapsed(),
+                response.pairs as u64,
+                response.tokens as u64,
+            ))
         })
     }
 }

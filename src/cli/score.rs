@@ -7,6 +7,7 @@ use clap::Args;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{EngineConfig, EngineMetrics, ScoreRequest};
+use crate::model::DEFAULT_MAX_CHUNKS_PER_DOC;
 use crate::wire;
 
 use super::args::{ModelArgs, TruncateArg};
@@ -16,7 +17,8 @@ use super::load::start_engine;
 pub struct ScoreArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// END cuts long pairs from the right; NONE fails naming the document.
+    /// END cuts long pairs from the right; NONE fails naming the document; CHUNK scores up to 10
+    /// overlapping windows of a long document and keeps the best.
     #[arg(long, value_enum, default_value_t = TruncateArg::End)]
     pub truncate: TruncateArg,
 }
@@ -46,7 +48,8 @@ pub async fn run(args: ScoreArgs) -> anyhow::Result<()> {
     // serde would also accept `["q", ["d"]]` for a struct; the contract is an object.
     anyhow::ensure!(value.is_object(), "{expected}");
     let input: Input = serde_json::from_value(value).context(expected)?;
-    let pairs = input.documents.len().max(1);
+    // Room for every window of every document under CHUNK.
+    let pairs = input.documents.len().max(1) * DEFAULT_MAX_CHUNKS_PER_DOC;
     let config = EngineConfig {
         max_documents: pairs,
         max_queue_pairs: pairs,

@@ -59,7 +59,7 @@ impl RerankClient {
     ) -> Result<Vec<usize>, RerankError> {
         let options = RerankOptions {
             top_k: Some(top_k),
-            truncate: None,
+            ..RerankOptions::default()
         };
         let result = self
             .rerank_with(query, candidates.iter().map(text), options)

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::telemetry::propagation;
-use crate::wire::{ErrorCode, ErrorReply, RerankReply, RerankRequest, Truncate, Usage};
+use crate::wire::{ErrorCode, ErrorReply, RerankReply, RerankRequest, Span, Truncate, Usage};
 
 use super::RerankError;
 
@@ -28,12 +28,20 @@ struct Body<'a> {
     top_k: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     truncate: Option<Truncate>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_chunks_per_doc: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    chunk_overlap: Option<u32>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    return_spans: bool,
 }
 
 #[derive(Deserialize)]
 struct Reply {
     scores: Vec<f32>,
     ranked_indices: Vec<u32>,
+    #[serde(default)]
+    spans: Option<Vec<Span>>,
 }
 
 impl HttpTransport {
@@ -62,6 +70,9 @@ impl HttpTransport {
                 documents: &request.documents,
                 top_k: request.top_k,
                 truncate: request.truncate,
+                max_chunks_per_doc: request.max_chunks_per_doc,
+                chunk_overlap: request.chunk_overlap,
+                return_spans: request.return_spans.unwrap_or(false),
             });
         if let Some(token) = &self.bearer_token {
             builder = builder.bearer_auth(token);
@@ -91,6 +102,7 @@ impl HttpTransport {
                 model: String::new(),
                 usage: Usage::default(),
                 request_id: request.request_id.clone(),
+                spans: reply.spans,
             });
         }
         let (code, message) = match serde_json::from_slice::<ErrorReply>(&body) {

@@ -31,7 +31,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tracing::Instrument;
 
-use crate::wire::{self, RerankReply, RerankRequest, Truncate};
+use crate::wire::{self, RerankReply, RerankRequest, Span, Truncate};
 
 /// Scores in input order and the document indices by descending score.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,6 +40,9 @@ pub struct RerankResult {
     pub scores: Vec<f32>,
     /// Document indices, most relevant first (cut to `top_k` when asked).
     pub ranked_indices: Vec<usize>,
+    /// With `return_spans`: per document, the part of its text (in Unicode code points) that
+    /// produced its score.
+    pub spans: Option<Vec<Span>>,
 }
 
 /// Optional request fields.
@@ -47,8 +50,15 @@ pub struct RerankResult {
 pub struct RerankOptions {
     /// Keep only the best `top_k` indices in `ranked_indices` (scores stay complete).
     pub top_k: Option<usize>,
-    /// How the worker treats pairs longer than its `max_length` (default: cut from the right).
+    /// How the worker treats pairs longer than its `max_length` (default: cut from the right;
+    /// `Chunk` scores overlapping windows and keeps the best).
     pub truncate: Option<Truncate>,
+    /// `Chunk` only: windows per document at most (the worker's default: 10).
+    pub max_chunks_per_doc: Option<u32>,
+    /// `Chunk` only: tokens shared by consecutive windows (the worker's default: 64).
+    pub chunk_overlap: Option<u32>,
+    /// Ask for [`RerankResult::spans`].
+    pub return_spans: bool,
 }
 
 /// A worker that answered the service discovery, with what it advertises.
@@ -276,7 +286,7 @@ impl RerankClient {
             .await
     }
 
-    /// [`rerank`](Self::rerank) with `top_k` and `truncate`.
+    /// [`rerank`](Self::rerank) with `top_k`, `truncate` and the long-document options.
     ///
     /// ```no_run
     /// # async fn demo(client: rerank_service::client::RerankClient) -> Result<(), rerank_service::client::RerankError> {
@@ -297,8 +307,10 @@ impl RerankClient {
             documents: documents.into_iter().map(Into::into).collect(),
             top_k: options.top_k.map(|k| k as u64),
             truncate: options.truncate,
-            request_id: None,
-            deadline_ms: None,
+            max_chunks_per_doc: options.max_chunks_per_doc,
+            chunk_overlap: options.chunk_overlap,
+            return_spans: options.return_spans.then_some(true),
+            ..RerankRequest::default()
         };
         let reply = self.send(request).await?;
         Ok(RerankResult {
@@ -308,6 +320,7 @@ impl RerankClient {
                 .into_iter()
                 .map(|i| i as usize)
                 .collect(),
+            spans: reply.spans,
         })
     }
 

@@ -1,13 +1,21 @@
 //! Why the engine could not score a request.
 
-use crate::model::TooLong;
+use crate::model::{QueryTooLong, TooLong};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {
     #[error("{count} documents exceed the limit of {max} per request")]
     TooManyDocuments { count: usize, max: usize },
+    #[error("{documents} documents make {pairs} windows under truncate CHUNK, over the limit of {max} pairs per request")]
+    TooManyWindows {
+        documents: usize,
+        pairs: usize,
+        max: usize,
+    },
     #[error(transparent)]
     DocumentTooLong(#[from] TooLong),
+    #[error(transparent)]
+    QueryTooLong(#[from] QueryTooLong),
     #[error(
         "the queue holds {queued} of {capacity} pairs; {requested} more do not fit, retry later"
     )]

@@ -18,6 +18,8 @@ pub struct EngineMetrics {
     pub batch_padded_tokens: Histogram,
     pub pairs: IntCounter,
     pub tokens: IntCounter,
+    /// Text bytes handed to the tokenizer: bounded by max_length per text, whatever its size.
+    pub tokenized_bytes: IntCounter,
 }
 
 impl EngineMetrics {
@@ -51,6 +53,10 @@ impl EngineMetrics {
             )?,
             pairs: names::counter(names::PAIRS_TOTAL, "Pairs scored")?,
             tokens: names::counter(names::TOKENS_TOTAL, "Tokens read by the model")?,
+            tokenized_bytes: names::counter(
+                names::TOKENIZED_BYTES_TOTAL,
+                "Text bytes handed to the tokenizer",
+            )?,
         };
         registry.register(Box::new(m.queue_pairs.clone()))?;
         registry.register(Box::new(m.queue_wait.clone()))?;
@@ -61,6 +67,7 @@ impl EngineMetrics {
         registry.register(Box::new(m.batch_padded_tokens.clone()))?;
         registry.register(Box::new(m.pairs.clone()))?;
         registry.register(Box::new(m.tokens.clone()))?;
+        registry.register(Box::new(m.tokenized_bytes.clone()))?;
         Ok(m)
     }
 

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch, Notify};
 
-use crate::model::{CrossEncoder, EncodePairsError, PairTokenizer, Truncation};
+use crate::model::{CrossEncoder, EncodePairsError, PairTokenizer, TokenizeWork, Truncation};
 use executor::Executor;
 
 /// Batching limits.
@@ -38,8 +38,10 @@ pub struct EngineConfig {
     pub max_batch_tokens: usize,
     /// Pairs allowed to wait; beyond it requests are refused with `Overloaded`.
     pub max_queue_pairs: usize,
-    /// Documents allowed in one request.
+    /// Documents allowed in one request; under CHUNK, windows count against it too.
     pub max_documents: usize,
+    /// Most windows per document a CHUNK request may ask for (`max_chunks_per_doc`).
+    pub max_chunks_per_doc: usize,
     /// Largest share of padding tolerated in one forward pass before the length-sorted batch is
     /// split (smaller passes cost launches on a GPU; padding costs FLOPs everywhere).
     pub max_padding: f64,
@@ -57,6 +59,7 @@ impl Default for EngineConfig {
             max_batch_tokens: 16_384,
             max_queue_pairs: 4_096,
             max_documents: 1_000,
+            max_chunks_per_doc: 32,
             max_padding: 0.2,
             fault_batch_delay: Duration::ZERO,
             warmup_tokens: 512,
@@ -95,8 +98,13 @@ pub struct Timings {
 
 #[derive(Debug, Clone, Default)]
 pub struct ScoreResponse {
-    /// Raw logits in document order.
+    /// Raw logits in document order (for a chunked document, its best window's).
     pub scores: Vec<f32>,
+    /// Range of each document's text, in Unicode code points, that produced its score (the best
+    /// window's).
+    pub spans: Vec<std::ops::Range<usize>>,
+    /// Sequences the model read: one per document, or one per window under CHUNK.
+    pub pairs: usize,
     /// Tokens the model read for this request (after truncation).
     pub tokens: usize,
     pub timings: Timings,
@@ -218,32 +226,65 @@ impl Engine {
         let tokenizer = Arc::clone(&inner.tokenizer);
         let truncation = request.truncation;
         let tokenize_span = tracing::info_span!("engine.tokenize", rerank.documents = count);
-        let sequences = tokio::task::spawn_blocking(move || {
+        let (sequences, work) = tokio::task::spawn_blocking(move || {
             let _enter = tokenize_span.enter();
             let docs: Vec<&str> = request.documents.iter().map(String::as_str).collect();
-            tokenizer.encode_pairs(&request.query, &docs, truncation)
+            let mut work = TokenizeWork::default();
+            let sequences = tokenizer
+                .encode_counting(&request.query, &docs, truncation, &mut work)
+                .map(|pairs| {
+                    pairs
+                        .into_iter()
+                        .map(|pair| {
+                            let span = docs
+                                .get(pair.doc_index)
+                                .map_or(0..0, |doc| char_span(doc, &pair.span));
+                            (pair, span)
+                        })
+                        .collect::<Vec<_>>()
+                });
+            (sequences, work)
         })
         .await
-        .map_err(|e| EngineError::Tokenizer(e.to_string()))?
-        .map_err(|e| match e {
+        .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        inner.metrics.tokenized_bytes.inc_by(work.bytes);
+        let sequences = sequences.map_err(|e| match e {
             EncodePairsError::TooLong(t) => EngineError::DocumentTooLong(t),
+            EncodePairsError::QueryTooLong(q) => EngineError::QueryTooLong(q),
             EncodePairsError::Tokenizer(e) => EngineError::Tokenizer(e.to_string()),
         })?;
         let tokenize = started.elapsed();
         inner.metrics.tokenize.observe(tokenize.as_secs_f64());
-        let tokens = sequences.iter().map(Vec::len).sum();
+        let tokens = sequences.iter().map(|(pair, _)| pair.ids.len()).sum();
+        // Windows are pairs like any other: for the limits, the queue and the batcher.
+        let pairs = sequences.len();
+        if pairs > inner.config.max_documents {
+            return Err(EngineError::TooManyWindows {
+                documents: count,
+                pairs,
+                max: inner.config.max_documents,
+            });
+        }
+        let mut owners = Vec::with_capacity(pairs);
+        let mut spans = Vec::with_capacity(pairs);
+        let mut ids = Vec::with_capacity(pairs);
+        for (pair, span) in sequences {
+            owners.push(pair.doc_index);
+            spans.push(span);
+            ids.push(pair.ids);
+        }
 
         // 2. Admission: all pairs or none; a full queue refuses at once.
         let admitted = Instant::now();
         let (pending, reply) =
-            PendingRequest::new(count, request.deadline, tracing::Span::current());
+            PendingRequest::new(pairs, request.deadline, tracing::Span::current());
         {
             let mut queue = inner.lock_queue();
             queue
-                .try_push(pending, sequences)
+                .try_push(pending, ids)
                 .map_err(|full| EngineError::Overloaded {
                     queued: full.queued,
-                    requested: count,
+                    requested: pairs,
                     capacity: full.capacity,
                 })?;
             inner.metrics.queue_pairs.set(queue.queued_pairs() as i64);
@@ -256,8 +297,11 @@ impl Engine {
         let first = scored.first_scheduled.unwrap_or(done);
         let queue = first.saturating_duration_since(admitted);
         inner.metrics.queue_wait.observe(queue.as_secs_f64());
+        let (scores, spans) = best_window_per_document(count, &owners, spans, &scored.scores);
         Ok(ScoreResponse {
-            scores: scored.scores,
+            scores,
+            spans,
+            pairs,
             tokens,
             timings: Timings {
                 tokenize,
@@ -284,6 +328,36 @@ impl Engine {
         }
         inner.state.send_replace(EngineState::Stopped);
     }
+}
+
+/// A byte range of `text` (on char boundaries) in Unicode code points.
+fn char_span(text: &str, bytes: &std::ops::Range<usize>) -> std::ops::Range<usize> {
+    let (Some(before), Some(inside)) = (text.get(..bytes.start), text.get(bytes.clone())) else {
+        return 0..0;
+    };
+    let start = before.chars().count();
+    start..start + inside.chars().count()
+}
+
+/// A document's score is its best window's (the only window, unless chunked); ties keep the
+/// earlier window.
+fn best_window_per_document(
+    documents: usize,
+    owners: &[usize],
+    spans: Vec<std::ops::Range<usize>>,
+    pair_scores: &[f32],
+) -> (Vec<f32>, Vec<std::ops::Range<usize>>) {
+    let mut best: Vec<Option<(f32, std::ops::Range<usize>)>> = vec![None; documents];
+    for ((&doc, span), &score) in owners.iter().zip(spans).zip(pair_scores) {
+        if let Some(slot) = best.get_mut(doc) {
+            if slot.as_ref().is_none_or(|(top, _)| score > *top) {
+                *slot = Some((score, span));
+            }
+        }
+    }
+    best.into_iter()
+        .map(|slot| slot.unwrap_or((f32::NAN, 0..0)))
+        .unzip()
 }
 
 impl Inner {

@@ -15,7 +15,9 @@ pub use cross_encoder::CrossEncoder;
 pub use error::ModelError;
 pub use rope::inverse_frequencies;
 pub use tokenizer::{
-    EncodePairsError, EncodedQuery, PairTokenizer, TooLong, Truncation, MAX_SUPPORTED_LENGTH,
+    ChunkPolicy, EncodePairsError, EncodedPair, EncodedQuery, PairTokenizer, QueryTooLong,
+    TokenizeWork, TooLong, Truncation, DEFAULT_CHUNK_OVERLAP, DEFAULT_MAX_CHUNKS_PER_DOC,
+    MAX_SUPPORTED_LENGTH,
 };
 pub use weights::{random_model, ModelFiles, DEFAULT_MODEL_ID};
 

@@ -12,6 +12,7 @@ pub const BATCH_TOKENS: &str = "rerank_batch_tokens";
 pub const BATCH_PADDED_TOKENS: &str = "rerank_batch_padded_tokens";
 pub const PAIRS_TOTAL: &str = "rerank_pairs_total";
 pub const TOKENS_TOTAL: &str = "rerank_tokens_total";
+pub const TOKENIZED_BYTES_TOTAL: &str = "rerank_tokenized_bytes_total";
 
 // Worker request handling.
 pub const REQUESTS_TOTAL: &str = "rerank_requests_total";

@@ -31,6 +31,9 @@ pub enum Truncate {
     End,
     /// Refuse the request with `document_too_long`.
     None,
+    /// Split a long document into overlapping windows of `max_length`, each with the query; the
+    /// document's score is its best window's.
+    Chunk,
 }
 
 /// A rerank request: score every document against the query.
@@ -50,12 +53,30 @@ pub struct RerankRequest {
     /// replies `deadline_exceeded` instead of computing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_ms: Option<u64>,
+    /// `CHUNK` only: windows scored per document at most (default 10, up to the worker's limit);
+    /// the rest of a longer document is not read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_chunks_per_doc: Option<u32>,
+    /// `CHUNK` only: document tokens shared by consecutive windows (default 64, at most half a
+    /// window).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunk_overlap: Option<u32>,
+    /// Add `spans` to the reply: which part of each document produced its score.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub return_spans: Option<bool>,
+}
+
+/// A range `[start, end)` of a document's text, in Unicode code points (Python's `str` indices).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub struct Span {
+    pub start: u64,
+    pub end: u64,
 }
 
 /// Token accounting of one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 pub struct Usage {
-    /// Pairs scored (= documents).
+    /// Pairs scored: one per document, or one per window under `CHUNK`.
     pub pairs: u64,
     /// Tokens the model read, after truncation.
     pub tokens: u64,
@@ -73,6 +94,10 @@ pub struct RerankReply {
     pub usage: Usage,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// With `return_spans`: per document, the part of its text that produced its score (the whole
+    /// document, the part kept by END, or the best window under CHUNK).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spans: Option<Vec<Span>>,
 }
 
 /// Machine-readable error codes, identical on the wire, in HTTP bodies, metric labels and logs.
@@ -283,7 +308,7 @@ mod tests {
             top_k: Some(1),
             truncate: Some(Truncate::None),
             request_id: Some("r1".into()),
-            deadline_ms: None,
+            ..Default::default()
         };
         let bytes = encode(&req);
         assert_eq!(decode_request(&bytes).unwrap(), req);
@@ -333,6 +358,7 @@ mod tests {
                 tokens: 10,
             },
             request_id: None,
+            spans: Some(vec![Span { start: 0, end: 3 }, Span::default()]),
         };
         assert_eq!(decode_reply(&encode(&ok)).unwrap(), ReplyBody::Ok(ok));
         let err = ErrorReply::new(ErrorCode::Overloaded, "full");

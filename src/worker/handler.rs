@@ -8,9 +8,9 @@ use bytes::Bytes;
 use tracing::Instrument;
 
 use crate::engine::{Engine, EngineError, ScoreRequest};
-use crate::model::Truncation;
+use crate::model::{ChunkPolicy, Truncation, DEFAULT_CHUNK_OVERLAP, DEFAULT_MAX_CHUNKS_PER_DOC};
 use crate::telemetry::propagation;
-use crate::wire::{self, ErrorCode, ErrorReply, RerankReply, RerankRequest, Truncate, Usage};
+use crate::wire::{self, ErrorCode, ErrorReply, RerankReply, RerankRequest, Span, Truncate, Usage};
 
 use super::metrics::WorkerMetrics;
 
@@ -123,37 +123,78 @@ async fn process(ctx: &HandlerContext, payload: &[u8]) -> Result<RerankReply, Er
         })?),
         None => None,
     };
-    let pairs = request.documents.len() as u64;
+    let truncation = truncation(&request, ctx.engine.config().max_chunks_per_doc)?;
     let response = ctx
         .engine
         .score(ScoreRequest {
             query: request.query,
             documents: request.documents,
-            truncation: match request.truncate.unwrap_or_default() {
-                Truncate::End => Truncation::End,
-                Truncate::None => Truncation::None,
-            },
+            truncation,
             deadline,
         })
         .await
         .map_err(engine_error_reply)?;
+    let spans = request.return_spans.unwrap_or(false).then(|| {
+        response
+            .spans
+            .iter()
+            .map(|span| Span {
+                start: span.start as u64,
+                end: span.end as u64,
+            })
+            .collect()
+    });
     Ok(RerankReply {
         ranked_indices: wire::rank(&response.scores, request.top_k),
         scores: response.scores,
         model: ctx.model_name.clone(),
         usage: Usage {
-            pairs,
+            pairs: response.pairs as u64,
             tokens: response.tokens as u64,
         },
         request_id: request.request_id,
+        spans,
     })
+}
+
+/// The request's length policy for the engine; chunking options are checked against this
+/// worker's limit.
+fn truncation(request: &RerankRequest, max_chunks_limit: usize) -> Result<Truncation, ErrorReply> {
+    let invalid = |message: String| ErrorReply::new(ErrorCode::InvalidRequest, message);
+    let chunk_option_without_chunk =
+        request.max_chunks_per_doc.is_some() || request.chunk_overlap.is_some();
+    match request.truncate.unwrap_or_default() {
+        Truncate::End | Truncate::None if chunk_option_without_chunk => Err(invalid(
+            "max_chunks_per_doc and chunk_overlap apply only to truncate CHUNK".into(),
+        )),
+        Truncate::End => Ok(Truncation::End),
+        Truncate::None => Ok(Truncation::None),
+        Truncate::Chunk => {
+            let max_chunks = request
+                .max_chunks_per_doc
+                .map_or(DEFAULT_MAX_CHUNKS_PER_DOC, |n| n as usize);
+            if max_chunks == 0 || max_chunks > max_chunks_limit {
+                return Err(invalid(format!(
+                    "max_chunks_per_doc {max_chunks} is out of range (1..={max_chunks_limit} on this worker)"
+                )));
+            }
+            Ok(Truncation::Chunk(ChunkPolicy {
+                max_chunks,
+                overlap: request
+                    .chunk_overlap
+                    .map_or(DEFAULT_CHUNK_OVERLAP, |n| n as usize),
+            }))
+        }
+    }
 }
 
 /// The engine's failures in the wire vocabulary.
 pub fn engine_error_reply(error: EngineError) -> ErrorReply {
     let code = match &error {
         EngineError::TooManyDocuments { .. } => ErrorCode::TooManyDocuments,
+        EngineError::TooManyWindows { .. } => ErrorCode::TooManyDocuments,
         EngineError::DocumentTooLong(_) => ErrorCode::DocumentTooLong,
+        EngineError::QueryTooLong(_) => ErrorCode::InvalidRequest,
         EngineError::Overloaded { .. } => ErrorCode::Overloaded,
         EngineError::DeadlineExceeded => ErrorCode::DeadlineExceeded,
         EngineError::Tokenizer(_) | EngineError::Model(_) => ErrorCode::ModelError,

@@ -177,7 +177,7 @@ impl WorkerProcess {
             .spawn()
             .expect("cannot start `rerank worker`");
         let worker = Self { child, health_port };
-        worker.wait_ready(Duration::from_secs(60));
+        worker.wait_ready(PATIENCE);
         worker
     }
 
@@ -260,6 +260,37 @@ pub fn metric_sum(exposition: &str, metric: &str) -> f64 {
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// The tiny model's `tokenizer.json` (the real Llama 3.2 one) with padding and truncation off:
+/// whole-text tokenization, as Hugging Face does it. Loaded once per test binary (9 MB of JSON).
+pub fn plain_tokenizer() -> &'static tokenizers::Tokenizer {
+    static PLAIN: std::sync::OnceLock<tokenizers::Tokenizer> = std::sync::OnceLock::new();
+    PLAIN.get_or_init(|| {
+        let mut plain = tokenizers::Tokenizer::from_file(tiny_model_dir().join("tokenizer.json"))
+            .expect("tokenizer.json");
+        plain.with_padding(None);
+        plain.with_truncation(None).expect("no truncation");
+        plain
+    })
+}
+
+/// How long a test waits for anything that should happen: long enough for the slowest machine,
+/// short enough that a hang fails the run instead of stalling it. Tests never assert on speed.
+pub const PATIENCE: Duration = Duration::from_secs(120);
+
+/// A plain NATS connection for tests, whose core requests wait up to [`PATIENCE`] (async-nats's
+/// default 10 s request timeout would make a test depend on the machine's speed).
+pub async fn connect_nats(url: &str) -> async_nats::Client {
+    within(
+        PATIENCE,
+        "connect to nats",
+        async_nats::ConnectOptions::new()
+            .request_timeout(Some(PATIENCE))
+            .connect(url),
+    )
+    .await
+    .expect("connect to nats")
 }
 
 /// Runs a future with a deadline, failing the test with `what` instead of hanging.

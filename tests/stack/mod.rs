@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+
+use crate::common::PATIENCE;
 use futures::StreamExt;
 use rerank_service::nats::NatsConfig;
 use rerank_service::sidecar::{self, AppState, SidecarConfig};
@@ -50,14 +52,14 @@ impl Sidecar {
         };
         configure(&mut config);
         let state = within(
-            Duration::from_secs(10),
+            PATIENCE,
             "sidecar connects to NATS",
             AppState::connect(&config),
         )
         .await
         .expect("sidecar state");
         let listener = within(
-            Duration::from_secs(5),
+            PATIENCE,
             "bind 127.0.0.1:0",
             tokio::net::TcpListener::bind(config.listen),
         )
@@ -90,7 +92,7 @@ impl Sidecar {
             let _ = tx.send(());
         }
         let task = &mut self.task;
-        let _ = within(Duration::from_secs(10), "sidecar stops", task).await;
+        let _ = within(crate::common::PATIENCE, "sidecar stops", task).await;
     }
 }
 
@@ -147,7 +149,7 @@ pub fn http() -> reqwest::Client {
 }
 
 async fn answer(request: reqwest::RequestBuilder, what: &str) -> Answer {
-    within(Duration::from_secs(40), what, async {
+    within(crate::common::PATIENCE, what, async {
         let response = request
             .send()
             .await
@@ -192,13 +194,7 @@ pub async fn post_raw(url: &str, body: impl Into<reqwest::Body>, content_type: &
 }
 
 pub async fn nats_connect(url: &str) -> async_nats::Client {
-    within(
-        Duration::from_secs(10),
-        "connect to nats",
-        async_nats::connect(url),
-    )
-    .await
-    .expect("connect")
+    crate::common::connect_nats(url).await
 }
 
 /// A plain (non-queue) subscriber on the subject: it sees a copy of every request and never
@@ -212,13 +208,13 @@ pub struct Tap {
 impl Tap {
     pub async fn start(client: &async_nats::Client, subject: &str) -> Self {
         let mut sub = within(
-            Duration::from_secs(5),
+            PATIENCE,
             "tap subscribes",
             client.subscribe(subject.to_string()),
         )
         .await
         .expect("subscribe");
-        within(Duration::from_secs(5), "flush", client.flush())
+        within(crate::common::PATIENCE, "flush", client.flush())
             .await
             .expect("flush");
         let count = Arc::new(AtomicUsize::new(0));
@@ -240,6 +236,15 @@ impl Tap {
     pub fn count(&self) -> usize {
         self.count.load(Ordering::SeqCst)
     }
+
+    /// Waits (up to the tests' patience) until at least `n` messages were seen; returns the count.
+    pub async fn wait_for(&self, n: usize) -> usize {
+        let started = std::time::Instant::now();
+        while self.count() < n && started.elapsed() < crate::common::PATIENCE {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.count()
+    }
 }
 
 impl Drop for Tap {
@@ -258,7 +263,7 @@ pub async fn instant_responder(
         .queue_subscribe(subject.to_string(), "stub".to_string())
         .await
         .expect("subscribe");
-    within(Duration::from_secs(5), "flush", client.flush())
+    within(crate::common::PATIENCE, "flush", client.flush())
         .await
         .expect("flush");
     let client = client.clone();
@@ -280,6 +285,7 @@ pub async fn instant_responder(
                     tokens: 10 * n as u64,
                 },
                 request_id: None,
+                spans: None,
             };
             let _ = client
                 .publish(reply_to, Bytes::from(wire::encode(&reply)))

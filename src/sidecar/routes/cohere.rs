@@ -13,12 +13,13 @@ use axum::Json;
 use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::wire::{RerankRequest, Truncate};
+use crate::wire::{RerankRequest, Span};
 
 use super::super::error::ApiError;
 use super::super::extract::ApiJson;
 use super::super::AppState;
 use super::sigmoid;
+use super::{span_of, LengthOptions};
 
 /// A document: a plain string or an object with a `text` field.
 #[derive(Debug, Clone, PartialEq, JsonSchema)]
@@ -89,9 +90,10 @@ pub struct CohereRerankRequest {
     /// `true`: `relevance_score` is sigmoid(logit) in 0–1; `false` (default): the raw logit.
     #[serde(default)]
     pub normalize: bool,
-    /// `END` (default) or `NONE`, as on `/rerank`.
-    #[serde(default)]
-    pub truncate: Option<Truncate>,
+    /// `truncate` (`END`, `NONE` or `CHUNK`), `max_chunks_per_doc` (Cohere v1's name),
+    /// `chunk_overlap` and `return_spans`, as on `/rerank`.
+    #[serde(flatten)]
+    pub length: LengthOptions,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -108,6 +110,9 @@ pub struct CohereResult {
     /// Present with `return_documents: true`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub document: Option<DocumentText>,
+    /// With `return_spans`: the part of the document's text that produced its score.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub span: Option<Span>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -137,17 +142,11 @@ pub async fn rerank(
         .collect();
     // Keep the texts only when they are echoed back.
     let echo = body.return_documents.then(|| documents.clone());
-    let reply = super::call(
-        &state,
-        RerankRequest {
-            query: body.query,
-            documents,
-            top_k: body.top_n.filter(|&n| n > 0),
-            truncate: body.truncate,
-            ..RerankRequest::default()
-        },
-    )
-    .await?;
+    let request = RerankRequest {
+        top_k: body.top_n.filter(|&n| n > 0),
+        ..body.length.request(body.query, documents)
+    };
+    let reply = super::call(&state, request).await?;
     let results = reply
         .ranked_indices
         .iter()
@@ -168,6 +167,7 @@ pub async fn rerank(
                     docs.get(index as usize)
                         .map(|text| DocumentText { text: text.clone() })
                 }),
+                span: span_of(&reply, index),
             }
         })
         .collect();

@@ -10,11 +10,12 @@ use axum::Json;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::wire::{RerankRequest, Truncate};
+use crate::wire::Span;
 
 use super::super::error::ApiError;
 use super::super::extract::ApiJson;
 use super::super::AppState;
+use super::{span_of, LengthOptions};
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct NimText {
@@ -29,10 +30,10 @@ pub struct NimRankingRequest {
     pub model: Option<String>,
     pub query: NimText,
     pub passages: Vec<NimText>,
-    /// `END` cuts over-long pairs from the right, passage first (default here); `NONE` refuses
-    /// them with `document_too_long`.
-    #[serde(default)]
-    pub truncate: Option<Truncate>,
+    /// `truncate` (`END` default here, `NONE`, `CHUNK`), `max_chunks_per_doc`, `chunk_overlap`
+    /// and `return_spans`, as on `/rerank`.
+    #[serde(flatten)]
+    pub length: LengthOptions,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -41,6 +42,9 @@ pub struct NimRanking {
     pub index: u32,
     /// Raw logit (apply a sigmoid for a 0–1 probability).
     pub logit: f32,
+    /// With `return_spans`: the part of the passage's text that produced its logit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub span: Option<Span>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -61,16 +65,8 @@ pub async fn ranking(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<NimRankingRequest>,
 ) -> Result<Json<NimRankingResponse>, ApiError> {
-    let reply = super::call(
-        &state,
-        RerankRequest {
-            query: body.query.text,
-            documents: body.passages.into_iter().map(|p| p.text).collect(),
-            truncate: body.truncate,
-            ..RerankRequest::default()
-        },
-    )
-    .await?;
+    let passages = body.passages.into_iter().map(|p| p.text).collect();
+    let reply = super::call(&state, body.length.request(body.query.text, passages)).await?;
     let rankings = reply
         .ranked_indices
         .iter()
@@ -81,6 +77,7 @@ pub async fn ranking(
                 .get(index as usize)
                 .copied()
                 .unwrap_or(f32::NAN),
+            span: span_of(&reply, index),
         })
         .collect();
     Ok(Json(NimRankingResponse {

@@ -5,13 +5,15 @@ use axum::Json;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::wire::{RerankRequest, Truncate};
+use crate::wire::{RerankRequest, Span};
 
 use super::super::error::ApiError;
 use super::super::extract::ApiJson;
 use super::super::AppState;
+use super::LengthOptions;
 
-/// `{"query": "...", "documents": ["...", ...]}` plus optional `top_k` and `truncate`.
+/// `{"query": "...", "documents": ["...", ...]}` plus optional `top_k`, `truncate` and the
+/// long-document options.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 pub struct RerankBody {
     pub query: String,
@@ -19,10 +21,8 @@ pub struct RerankBody {
     /// Return only the best `top_k` indices in `ranked_indices` (scores stay complete).
     #[serde(default)]
     pub top_k: Option<u64>,
-    /// `END` (default) cuts pairs longer than the worker's max_length from the right (the
-    /// document's tail goes first); `NONE` refuses them with `document_too_long`.
-    #[serde(default)]
-    pub truncate: Option<Truncate>,
+    #[serde(flatten)]
+    pub length: LengthOptions,
 }
 
 /// `{"scores": [...], "ranked_indices": [...]}`.
@@ -32,25 +32,23 @@ pub struct RerankResponse {
     pub scores: Vec<f32>,
     /// Document indices by descending score, cut to `top_k` when given.
     pub ranked_indices: Vec<u32>,
+    /// With `return_spans`: per document, the part of its text that produced its score.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spans: Option<Vec<Span>>,
 }
 
 pub async fn rerank(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<RerankBody>,
 ) -> Result<Json<RerankResponse>, ApiError> {
-    let reply = super::call(
-        &state,
-        RerankRequest {
-            query: body.query,
-            documents: body.documents,
-            top_k: body.top_k,
-            truncate: body.truncate,
-            ..RerankRequest::default()
-        },
-    )
-    .await?;
+    let request = RerankRequest {
+        top_k: body.top_k,
+        ..body.length.request(body.query, body.documents)
+    };
+    let reply = super::call(&state, request).await?;
     Ok(Json(RerankResponse {
         scores: reply.scores,
         ranked_indices: reply.ranked_indices,
+        spans: reply.spans,
     }))
 }
