@@ -294,22 +294,22 @@ fn ties_are_ranked_by_index() {
 }
 
 #[test]
-fn truncate_none_fails_naming_the_document_and_its_tokens() {
+fn truncate_none_fails_naming_the_document_and_the_limit() {
     let case = golden_case("truncation");
-    let documents: Vec<&str> = case.documents.iter().map(String::as_str).collect();
-    let tokens = PairTokenizer::from_file(&tiny_model_dir().join("tokenizer.json"), 8192)
-        .expect("tokenizer")
-        .encode_pairs(&case.query, &documents, Truncation::None)
-        .expect("untruncated")[0]
-        .len();
     let run = rerank_score(
         &tiny_model_dir(),
         &["--max-length", "16", "--truncate", "NONE"],
         &case_request(&case),
     );
+    // Tokenizing stops once the pair is known to be too long, so the count may be a lower bound.
     run.assert_error(
         "--truncate NONE",
-        &["document 0", &tokens.to_string(), "16"],
+        &[
+            "document 0",
+            "tokens with the query",
+            "max_length is 16",
+            "NONE",
+        ],
     );
     // The same documents fit under the default max length.
     let fits = rerank_score(

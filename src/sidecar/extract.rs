@@ -5,6 +5,9 @@
 //!   with the path of the offending field (`documents[2]: invalid type: integer...`). One status for
 //!   every "your body is wrong" keeps clients simple, and it is what Cohere, Jina and TEI answer.
 //! - The `Content-Type` is not checked: `curl -d '{...}'` (form content type) works as well.
+//! - A body is a JSON object. Unknown fields are ignored, but the routes flatten their length
+//!   options into the body, so serde keeps unknown fields until the end of the object: nesting past
+//!   serde_json's limit (128) is refused there as anywhere else.
 //! - A body over `--max-body-bytes` is **413 `payload_too_large`** (axum's `DefaultBodyLimit`).
 
 use axum::body::Bytes;

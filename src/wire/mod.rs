@@ -23,7 +23,7 @@ pub const HEADER_SERVICE_ERROR_CODE: &str = "Nats-Service-Error-Code";
 pub const CONTENT_TYPE: &str = "application/msgpack";
 
 /// How to treat a (query, document) pair longer than the worker's `max_length`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, JsonSchema)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Truncate {
     /// Cut the pair from the right (the document's tail goes first).
@@ -34,6 +34,22 @@ pub enum Truncate {
     /// Split a long document into overlapping windows of `max_length`, each with the query; the
     /// document's score is its best window's.
     Chunk,
+}
+
+/// By hand rather than derived, so the error names the field even where the field's path is lost
+/// (the HTTP bodies flatten their length options).
+impl<'de> Deserialize<'de> for Truncate {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = std::borrow::Cow::<'de, str>::deserialize(deserializer)?;
+        match name.as_ref() {
+            "END" => Ok(Truncate::End),
+            "NONE" => Ok(Truncate::None),
+            "CHUNK" => Ok(Truncate::Chunk),
+            other => Err(serde::de::Error::custom(format!(
+                "truncate must be END, NONE or CHUNK, not `{other}`"
+            ))),
+        }
+    }
 }
 
 /// A rerank request: score every document against the query.
