@@ -82,32 +82,46 @@ impl PairQueue {
         Ok(())
     }
 
-    /// Takes the oldest pairs whose summed length fits `max_batch_tokens` (always at least one
-    /// pair, so a single long pair still runs). Requests that were abandoned (caller gone) or whose
-    /// deadline has passed are removed first and answered by `PendingRequest::abandon`.
+    /// Takes pairs whose summed length fits `max_batch_tokens`, oldest request first (always at
+    /// least one pair, so a single long pair still runs). While other requests wait, one request
+    /// takes at most half the budget in a first pass, so a request of many pairs (a long document's
+    /// CHUNK windows, a thousand documents) shares the device with the requests behind it instead
+    /// of stalling them; a second pass fills what is left, oldest first. Requests that were
+    /// abandoned (caller gone) or whose deadline has passed are removed first and answered by
+    /// `PendingRequest::abandon`.
     pub fn next_batch(&mut self, max_batch_tokens: usize, now: Instant) -> Option<Batch> {
         self.drop_dead(now);
         let mut batch = Batch::default();
         let mut tokens = 0usize;
-        while let Some((request, pairs)) = self.requests.front_mut() {
-            while let Some((_, ids)) = pairs.front() {
-                let len = ids.len();
-                if !batch.pairs.is_empty() && tokens + len > max_batch_tokens {
-                    return Some(batch);
+        let share = if self.requests.len() > 1 {
+            max_batch_tokens / 2
+        } else {
+            max_batch_tokens
+        };
+        for cap in [share, max_batch_tokens] {
+            for (request, pairs) in &mut self.requests {
+                let mut taken = 0usize;
+                while let Some((_, ids)) = pairs.front() {
+                    let len = ids.len();
+                    let fits = tokens + len <= max_batch_tokens && taken + len <= cap;
+                    if !batch.pairs.is_empty() && !fits {
+                        break;
+                    }
+                    let Some((doc_index, ids)) = pairs.pop_front() else {
+                        break;
+                    };
+                    tokens += len;
+                    taken += len;
+                    self.queued_pairs -= 1;
+                    batch.pairs.push(QueuedPair {
+                        request: Arc::clone(request),
+                        doc_index,
+                        ids,
+                    });
                 }
-                let Some((doc_index, ids)) = pairs.pop_front() else {
-                    break;
-                };
-                tokens += len;
-                self.queued_pairs -= 1;
-                batch.pairs.push(QueuedPair {
-                    request: Arc::clone(request),
-                    doc_index,
-                    ids,
-                });
             }
-            self.requests.pop_front();
         }
+        self.requests.retain(|(_, pairs)| !pairs.is_empty());
         (!batch.pairs.is_empty()).then_some(batch)
     }
 
@@ -163,23 +177,55 @@ mod tests {
         assert_eq!(q.queued_pairs(), 3);
     }
 
+    fn lengths(batch: &Batch) -> Vec<usize> {
+        batch.pairs.iter().map(|p| p.ids.len()).collect()
+    }
+
     #[test]
-    fn packs_under_token_budget_in_fifo_order() {
+    fn packs_under_token_budget_sharing_it_between_waiting_requests() {
         let mut q = PairQueue::new(100);
         q.try_push(request(3, None), seqs(&[4, 4, 4])).unwrap();
         q.try_push(request(2, None), seqs(&[3, 3])).unwrap();
         let now = Instant::now();
+        // Half the budget each first (4, then 3), then the rest oldest first (3 more fits: 10).
         let b = q.next_batch(10, now).unwrap();
-        assert_eq!(b.pairs.len(), 2);
-        assert_eq!(b.real_tokens(), 8);
+        assert_eq!(lengths(&b), vec![4, 3, 3]);
+        // Alone, a request may take the whole budget.
         let b = q.next_batch(10, now).unwrap();
-        // The last pair of request 1 then both of request 2 (4 + 3 + 3 = 10 fits exactly).
+        assert_eq!(lengths(&b), vec![4, 4]);
         assert_eq!(
             b.pairs.iter().map(|p| p.doc_index).collect::<Vec<_>>(),
-            vec![2, 0, 1]
+            vec![1, 2]
         );
         assert!(q.next_batch(10, now).is_none());
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn a_request_of_many_pairs_does_not_stall_the_next_one() {
+        let mut q = PairQueue::new(100);
+        // A long document as 50 CHUNK windows, then a small request.
+        q.try_push(request(50, None), seqs(&[4; 50])).unwrap();
+        q.try_push(request(2, None), seqs(&[3, 3])).unwrap();
+        let now = Instant::now();
+        let first = q.next_batch(40, now).unwrap();
+        assert_eq!(first.real_tokens(), 38, "the budget is still filled");
+        let small: Vec<usize> = first
+            .pairs
+            .iter()
+            .filter(|p| p.ids.len() == 3)
+            .map(|p| p.doc_index)
+            .collect();
+        assert_eq!(
+            small,
+            vec![0, 1],
+            "the small request rides in the first batch"
+        );
+        let mut batches = 1;
+        while q.next_batch(40, now).is_some() {
+            batches += 1;
+        }
+        assert_eq!(batches, 6, "200 tokens of windows in batches of 40");
     }
 
     #[test]
