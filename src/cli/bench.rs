@@ -1,7 +1,7 @@
 //! `rerank bench`: drive the real batcher (or a worker pool over NATS) with a seeded workload and
 //! report throughput, latency percentiles, padding and batch shapes as one JSON object.
 //!
-//! Workloads mirror `shared/gpu/torch_baseline.py`: `seed` is the user's service shape (15 documents
+//! Workloads mirror `bench/torch_baseline.py`: `seed` is the user's service shape (15 documents
 //! of 60–268 tokens per request), `long` is 100 documents of ~512 tokens, `custom` takes the flags.
 
 use std::sync::Arc;

@@ -1,4 +1,4 @@
-//! Retrieve-then-rerank with the seed spec's fallback: when reranking fails, keep the similarity
+//! Retrieve-then-rerank with the seed service's fallback (`docs/seed-api.md`): when reranking fails, keep the similarity
 //! order, so the pipeline stays up (less precisely ranked) while the reranker is down.
 
 use super::{RerankClient, RerankError, RerankOptions};

@@ -1,5 +1,5 @@
 //! `RerankClient`: rerank over NATS (straight to the worker pool) or over HTTP (through the
-//! sidecar), with the resilience of the seed spec: per-attempt timeout, retries with exponential
+//! sidecar), with the resilience of the seed service (`docs/seed-api.md`): per-attempt timeout, retries with exponential
 //! backoff for what is safe to retry, and a fallback to the similarity order.
 //!
 //! ```no_run
@@ -123,7 +123,7 @@ pub enum BuildError {
     Http(String),
 }
 
-/// Configures a [`RerankClient`]. Defaults follow the seed spec: 3 retries, 1 s backoff base
+/// Configures a [`RerankClient`]. Defaults follow the seed service (`docs/seed-api.md`): 3 retries, 1 s backoff base
 /// (waits of 1, 2, 4 s), 60 s per attempt.
 ///
 /// ```no_run

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use super::ModelError;
 
-/// The Hugging Face `config.json`, as published with the model (see `shared/spec/model.md` §1).
+/// The Hugging Face `config.json`, as published with the model (see `docs/model.md` §1).
 #[derive(Debug, Clone, Deserialize)]
 pub struct ModelConfig {
     pub model_type: String,

@@ -1,7 +1,7 @@
 //! `LlamaBidirectionalForSequenceClassification`: backbone, masked mean pooling, score head, temperature.
 //!
 //! Model card: <https://huggingface.co/nvidia/llama-nemotron-rerank-1b-v2>. Reference: NVIDIA's
-//! `llama_bidirectional_model.py` on transformers 4.47.1 (see `shared/spec/model.md` §2):
+//! `llama_bidirectional_model.py` on transformers 4.47.1 (see `docs/model.md` §2):
 //! `logit = score(mean_{real tokens}(norm(h))) / temperature`, a raw logit (no sigmoid).
 //!
 //! Deliberate deviations from the bf16 reference: pooling, the head and the temperature division run

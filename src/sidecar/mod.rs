@@ -1,6 +1,6 @@
 //! The HTTP sidecar: a thin translation layer from HTTP/JSON to the worker pool over NATS.
 //!
-//! Routes: `POST /rerank` and `GET /health` (the seed spec's API), `POST /v1/rerank`
+//! Routes: `POST /rerank` and `GET /health` (the seed service's API, `docs/seed-api.md`), `POST /v1/rerank`
 //! (Cohere/Jina shape), `POST /v1/ranking` (NVIDIA NIM shape), `GET /live`, `GET /ready`,
 //! `GET /metrics`, `GET /openapi.json`. Error statuses: see [`error`].
 //!

@@ -116,10 +116,3 @@ pub fn init(
         .map_err(|e| TelemetryError::Subscriber(e.to_string()))?;
     Ok(TelemetryGuard { provider })
 }
-
-/// The trace id of `span` as 32 hex digits (for log lines and error bodies).
-pub fn trace_id(span: &tracing::Span) -> String {
-    use opentelemetry::trace::TraceContextExt;
-    use tracing_opentelemetry::OpenTelemetrySpanExt;
-    span.context().span().span_context().trace_id().to_string()
-}

@@ -4,4 +4,4 @@ mod init;
 pub mod metrics;
 pub mod propagation;
 
-pub use init::{init, trace_id, LogFormat, TelemetryError, TelemetryGuard};
+pub use init::{init, LogFormat, TelemetryError, TelemetryGuard};

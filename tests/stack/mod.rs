@@ -18,7 +18,7 @@ use serde_json::Value;
 
 use crate::common::within;
 
-/// The seed spec's example request.
+/// The seed service's example request (`docs/seed-api.md`).
 pub fn seed_request() -> Value {
     serde_json::json!({
         "query": "AI tools for productivity",

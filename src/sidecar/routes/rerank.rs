@@ -1,4 +1,4 @@
-//! `POST /rerank`: the seed spec's API, unchanged.
+//! `POST /rerank`: the seed service's API (`docs/seed-api.md`), unchanged.
 
 use axum::extract::State;
 use axum::Json;
