@@ -74,7 +74,9 @@ pub async fn run_worker(
             ..nats.to_config(&format!("rerank-worker-{}", std::process::id()))
         },
         subject: nats.subject.clone(),
-        queue_group: options.queue_group.clone(),
+        intake: worker::Intake::Core {
+            queue_group: options.queue_group.clone(),
+        },
         max_inflight_requests: options.max_inflight_requests,
         drain_timeout: Duration::from_secs(options.drain_timeout),
         log_text: options.log_text,
