@@ -1,6 +1,6 @@
 //! The NATS worker: takes requests from an intake, feeds the engine and answers every request.
 //!
-//! Lifecycle: connect → answer
+//! Lifecycle: connect → (JetStream intake: create or check the stream and the consumer) → answer
 //! service discovery (`$SRV.PING/INFO/STATS`, [`discovery`]) → subscribe or start pulling → ready.
 //! On the stop signal: not ready → leave discovery → drain the intake (see [`intake`]) → answer
 //! every accepted request → flush → stop the engine.
@@ -21,12 +21,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::engine::Engine;
+use crate::jobs::{JobConsumer, JobQueueError, JobStream};
 use crate::model::ModelInfo;
 use crate::nats::{NatsConfig, NatsConnectError};
 use crate::wire;
 use discovery::Discovery;
 use handler::HandlerContext;
 use intake::core::CoreIntake;
+use intake::jetstream::JetStreamIntake;
 
 /// Longest wait for the last replies to reach the NATS server on the way out.
 const FINAL_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -36,6 +38,17 @@ const FINAL_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum Intake {
     /// Core request-reply on the worker's subject, in a queue group.
     Core { queue_group: String },
+    /// Jobs pulled from a durable JetStream work queue.
+    JetStream(JetStreamSettings),
+}
+
+/// The JetStream intake's stream, consumer and pull bound.
+#[derive(Debug, Clone, Default)]
+pub struct JetStreamSettings {
+    pub stream: JobStream,
+    pub consumer: JobConsumer,
+    /// Jobs this worker holds at once (pulled, not yet answered); the rest wait in the stream.
+    pub max_pulled_jobs: usize,
 }
 
 /// Everything `run` needs besides the engine.
@@ -62,11 +75,14 @@ pub enum WorkerError {
     Service(String),
     #[error("cannot subscribe to {subject}: {message}")]
     Subscribe { subject: String, message: String },
+    #[error(transparent)]
+    JobQueue(#[from] JobQueueError),
 }
 
 /// A started intake.
 enum Running {
     Core(CoreIntake),
+    JetStream(JetStreamIntake),
 }
 
 /// Serves until `stop` resolves, then drains. `ready` mirrors readiness for the probe.
@@ -80,8 +96,27 @@ pub async fn run(
     let client = config.nats.connect().await?;
     metrics.model_loaded.set(1);
 
+    // The JetStream queue first: a worker that cannot use it must not announce itself.
+    let consumer = match &config.intake {
+        Intake::Core { .. } => None,
+        Intake::JetStream(settings) => {
+            let js = async_nats::jetstream::new(client.clone());
+            let stream = settings.stream.ensure(&js, &config.subject).await?;
+            let consumer = settings
+                .consumer
+                .ensure(&stream, &settings.stream.name)
+                .await?;
+            Some(consumer)
+        }
+    };
+
     let (endpoint_subject, queue_group, intake_name) = match &config.intake {
         Intake::Core { queue_group } => (config.subject.clone(), queue_group.clone(), "core"),
+        Intake::JetStream(s) => (
+            s.stream.subject.clone(),
+            s.consumer.name.clone(),
+            "jetstream",
+        ),
     };
     let mut metadata = HashMap::new();
     metadata.insert("model".to_string(), config.model.name.clone());
@@ -125,14 +160,24 @@ pub async fn run(
             config.max_inflight_requests.max(1),
         )),
     });
-    let mut running = Running::Core(
-        CoreIntake::subscribe(&client, &config.subject, &queue_group)
-            .await
-            .map_err(|e| WorkerError::Subscribe {
-                subject: config.subject.clone(),
-                message: e.to_string(),
-            })?,
-    );
+    let mut running = match (&config.intake, consumer) {
+        (Intake::JetStream(settings), Some(consumer)) => Running::JetStream(
+            JetStreamIntake::new(consumer, settings.max_pulled_jobs, &ctx)
+                .await
+                .map_err(|message| WorkerError::Subscribe {
+                    subject: endpoint_subject.clone(),
+                    message,
+                })?,
+        ),
+        _ => Running::Core(
+            CoreIntake::subscribe(&client, &config.subject, &queue_group)
+                .await
+                .map_err(|e| WorkerError::Subscribe {
+                    subject: config.subject.clone(),
+                    message: e.to_string(),
+                })?,
+        ),
+    };
     let connection_watch = tokio::spawn(watch_connection(client.clone(), metrics.clone()));
     ready.store(true, Ordering::Release);
     metrics.ready.set(1);
@@ -140,6 +185,10 @@ pub async fn run(
 
     let in_flight = match &mut running {
         Running::Core(intake) => {
+            intake.serve(&ctx, stop).await;
+            intake.in_flight()
+        }
+        Running::JetStream(intake) => {
             intake.serve(&ctx, stop).await;
             intake.in_flight()
         }
@@ -152,6 +201,7 @@ pub async fn run(
     let drained = tokio::time::timeout(config.drain_timeout, async {
         match &mut running {
             Running::Core(intake) => intake.drain(&ctx).await,
+            Running::JetStream(intake) => intake.drain().await,
         }
     })
     .await;
@@ -159,6 +209,7 @@ pub async fn run(
         tracing::error!("drain timed out; abandoning requests");
         match &mut running {
             Running::Core(intake) => intake.abandon(),
+            Running::JetStream(intake) => intake.abandon(),
         }
     }
     // Bounded: with NATS unreachable the flush waits for a reconnect that may never come, and
