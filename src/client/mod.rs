@@ -102,7 +102,7 @@ struct Counters {
 #[derive(Clone, Debug)]
 enum Transport {
     Nats(nats::NatsTransport),
-    JetStream(jetstream::JetStreamTransport),
+    JetStream(Box<jetstream::JetStreamTransport>),
     Http(http::HttpTransport),
 }
 
@@ -236,9 +236,9 @@ impl RerankClientBuilder {
 
     pub fn build(self) -> Result<RerankClient, BuildError> {
         let transport = match (self.nats, self.http) {
-            (Some((client, subject)), _) if self.jetstream => Transport::JetStream(
+            (Some((client, subject)), _) if self.jetstream => Transport::JetStream(Box::new(
                 jetstream::JetStreamTransport::new(client, subject, self.service),
-            ),
+            )),
             (Some((client, subject)), _) => Transport::Nats(nats::NatsTransport {
                 client,
                 subject,

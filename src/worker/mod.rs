@@ -82,7 +82,7 @@ pub enum WorkerError {
 /// A started intake.
 enum Running {
     Core(CoreIntake),
-    JetStream(JetStreamIntake),
+    JetStream(Box<JetStreamIntake>),
 }
 
 /// Serves until `stop` resolves, then drains. `ready` mirrors readiness for the probe.
@@ -161,14 +161,14 @@ pub async fn run(
         )),
     });
     let mut running = match (&config.intake, consumer) {
-        (Intake::JetStream(settings), Some(consumer)) => Running::JetStream(
+        (Intake::JetStream(settings), Some(consumer)) => Running::JetStream(Box::new(
             JetStreamIntake::new(consumer, settings.max_pulled_jobs, &ctx)
                 .await
                 .map_err(|message| WorkerError::Subscribe {
                     subject: endpoint_subject.clone(),
                     message,
                 })?,
-        ),
+        )),
         _ => Running::Core(
             CoreIntake::subscribe(&client, &config.subject, &queue_group)
                 .await
