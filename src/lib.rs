@@ -16,6 +16,7 @@
 pub mod cli;
 pub mod client;
 pub mod engine;
+pub mod jobs;
 pub mod model;
 pub mod nats;
 pub mod probe;

@@ -264,3 +264,96 @@ impl HttpArgs {
         })
     }
 }
+
+/// The JetStream job queue: the stream's name, subject and limits (workers and sidecar alike).
+#[derive(Debug, Clone, Args)]
+pub struct JobStreamArgs {
+    /// JetStream stream holding the jobs (created with WorkQueue retention if missing).
+    #[arg(long, env = "RERANK_STREAM", default_value = crate::jobs::DEFAULT_STREAM)]
+    pub stream: String,
+    /// Subject jobs are published to; must not overlap the core --subject.
+    #[arg(long, env = "RERANK_JOBS_SUBJECT", default_value = crate::jobs::DEFAULT_JOBS_SUBJECT)]
+    pub jobs_subject: String,
+    /// Jobs the stream holds at most; beyond it a publish is refused (`overloaded`, HTTP 429).
+    #[arg(long, env = "RERANK_STREAM_MAX_MESSAGES", default_value_t = crate::jobs::DEFAULT_MAX_MESSAGES)]
+    pub stream_max_messages: i64,
+    /// Bytes the stream holds at most (same refusal beyond).
+    #[arg(long, env = "RERANK_STREAM_MAX_BYTES", default_value_t = crate::jobs::DEFAULT_MAX_BYTES)]
+    pub stream_max_bytes: i64,
+    /// Stream replicas when the stream is created (3 on a NATS cluster).
+    #[arg(long, env = "RERANK_STREAM_REPLICAS", default_value_t = 1)]
+    pub stream_replicas: usize,
+}
+
+impl JobStreamArgs {
+    pub fn to_stream(&self) -> crate::jobs::JobStream {
+        crate::jobs::JobStream {
+            name: self.stream.clone(),
+            subject: self.jobs_subject.clone(),
+            max_messages: self.stream_max_messages,
+            max_bytes: self.stream_max_bytes,
+            replicas: self.stream_replicas,
+        }
+    }
+}
+
+/// Where a worker takes requests from (`--intake`), and the sidecar sends them (`--transport`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum IntakeKind {
+    /// Core NATS request-reply in a queue group: lowest latency, needs a running worker.
+    #[default]
+    Core,
+    /// A durable JetStream work queue: requests wait for a worker (scale to zero), survive a
+    /// worker crash and a NATS restart.
+    Jetstream,
+}
+
+/// How a worker takes requests.
+#[derive(Debug, Clone, Args)]
+pub struct IntakeArgs {
+    /// `core` (request-reply on --subject) or `jetstream` (pull jobs from --stream).
+    #[arg(long, env = "RERANK_INTAKE", value_enum, default_value_t = IntakeKind::Core)]
+    pub intake: IntakeKind,
+    /// Durable pull consumer shared by every worker (JetStream intake).
+    #[arg(long, env = "RERANK_CONSUMER", default_value = crate::jobs::DEFAULT_CONSUMER)]
+    pub consumer: String,
+    /// Seconds a pulled job may go without an ack or progress ack before it is delivered again
+    /// (used when the consumer is created).
+    #[arg(long, env = "RERANK_ACK_WAIT", default_value_t = crate::jobs::DEFAULT_ACK_WAIT_SECS)]
+    pub ack_wait: u64,
+    /// Deliveries of one job; the last one answers the caller with an error instead of computing
+    /// (used when the consumer is created).
+    #[arg(long, env = "RERANK_MAX_DELIVER", default_value_t = crate::jobs::DEFAULT_MAX_DELIVER)]
+    pub max_deliver: i64,
+    /// Jobs this worker holds at once (pulled, not yet answered); the rest wait in the stream.
+    #[arg(long, env = "RERANK_MAX_PULLED_JOBS", default_value_t = crate::jobs::DEFAULT_MAX_PULLED_JOBS)]
+    pub max_pulled_jobs: usize,
+    #[command(flatten)]
+    pub jobs: JobStreamArgs,
+}
+
+impl IntakeArgs {
+    pub fn to_intake(&self, queue_group: &str) -> anyhow::Result<crate::worker::Intake> {
+        Ok(match self.intake {
+            IntakeKind::Core => crate::worker::Intake::Core {
+                queue_group: queue_group.to_string(),
+            },
+            IntakeKind::Jetstream => {
+                anyhow::ensure!(self.ack_wait > 0, "--ack-wait must be positive");
+                anyhow::ensure!(
+                    self.max_deliver == -1 || self.max_deliver >= 2,
+                    "--max-deliver must be at least 2 (or -1 for unlimited)"
+                );
+                crate::worker::Intake::JetStream(crate::worker::JetStreamSettings {
+                    stream: self.jobs.to_stream(),
+                    consumer: crate::jobs::JobConsumer {
+                        name: self.consumer.clone(),
+                        ack_wait: std::time::Duration::from_secs(self.ack_wait),
+                        max_deliver: self.max_deliver,
+                    },
+                    max_pulled_jobs: self.max_pulled_jobs.max(1),
+                })
+            }
+        })
+    }
+}

@@ -19,7 +19,7 @@ use crate::wire::{self, ReplyBody, RerankRequest};
 
 use crate::model::{ChunkPolicy, Truncation, DEFAULT_CHUNK_OVERLAP};
 
-use super::args::{EngineArgs, ModelArgs, NatsArgs, TruncateArg};
+use super::args::{EngineArgs, IntakeKind, JobStreamArgs, ModelArgs, NatsArgs, TruncateArg};
 use super::load::start_engine;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -79,6 +79,12 @@ pub struct BenchArgs {
     pub engine: EngineArgs,
     #[command(flatten)]
     pub nats: NatsArgs,
+    /// NATS mode: `core` sends request-reply on --subject; `jetstream` publishes durable jobs on
+    /// --jobs-subject (workers started with `--intake jetstream`).
+    #[arg(long, value_enum, default_value_t = IntakeKind::Core)]
+    pub intake: IntakeKind,
+    #[command(flatten)]
+    pub jobs: JobStreamArgs,
 }
 
 /// One JSON line of results.
@@ -321,14 +327,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 .connect()
                 .await
                 .context("bench needs a NATS server with workers")?;
-            let call = nats_call(
-                client,
-                args.nats.subject.clone(),
-                Duration::from_secs(args.timeout),
-            );
-            run_callers(warmup, args.concurrency, call.clone()).await;
-            let (outcomes, elapsed) = run_callers(measured, args.concurrency, call).await;
-            summarize(&args, "remote", "remote", outcomes, elapsed)
+            let timeout = Duration::from_secs(args.timeout);
+            let (outcomes, elapsed) = if args.intake == IntakeKind::Jetstream {
+                let call = jetstream_call(client, args.jobs.jobs_subject.clone(), timeout)?;
+                run_callers(warmup, args.concurrency, call.clone()).await;
+                run_callers(measured, args.concurrency, call).await
+            } else {
+                let call = nats_call(client, args.nats.subject.clone(), timeout);
+                run_callers(warmup, args.concurrency, call.clone()).await;
+                run_callers(measured, args.concurrency, call).await
+            };
+            let mut report = summarize(&args, "remote", "remote", outcomes, elapsed);
+            report.mode = format!("nats-{:?}", args.intake).to_lowercase();
+            report
         }
     };
     println!("{}", serde_json::to_string(&report)?);
@@ -404,6 +415,34 @@ fn nats_call(
             }
         })
     }
+}
+
+/// One job per call through the client's JetStream transport (no retries).
+fn jetstream_call(
+    client: async_nats::Client,
+    jobs_subject: String,
+    timeout: Duration,
+) -> anyhow::Result<impl Fn(String, Vec<String>) -> CallFuture + Clone + Send + Sync + 'static> {
+    let client = crate::client::RerankClient::builder()
+        .jetstream(client, jobs_subject)
+        .timeout(timeout)
+        .retries(0)
+        .build()?;
+    Ok(move |query, documents| {
+        let client = client.clone();
+        Box::pin(async move {
+            let started = Instant::now();
+            let reply = client
+                .send(RerankRequest {
+                    query,
+                    documents,
+                    ..Default::default()
+                })
+                .await
+                .ok()?;
+            Some((started.elapsed(), reply.usage.pairs, reply.usage.tokens))
+        }) as CallFuture
+    })
 }
 
 fn summarize(

@@ -1,6 +1,7 @@
 //! `rerank serve`: a worker and the sidecar in one process, the whole stack in one command
 //! (`make run`). When no NATS server answers at a loopback `--nats-url` and `nats-server` is on
-//! PATH, one is started as a child on 127.0.0.1 at the URL's port and stopped on exit.
+//! PATH, one is started as a child on 127.0.0.1 at the URL's port and stopped on exit (with
+//! JetStream and a store directory under `--intake jetstream`).
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -11,7 +12,9 @@ use anyhow::Context;
 use clap::Args;
 use tokio::sync::watch;
 
-use super::args::{EngineArgs, HttpArgs, LogArgs, ModelArgs, NatsArgs, WorkerRunArgs};
+use super::args::{
+    EngineArgs, HttpArgs, IntakeArgs, IntakeKind, LogArgs, ModelArgs, NatsArgs, WorkerRunArgs,
+};
 use super::worker::run_worker;
 
 #[derive(Debug, Args)]
@@ -26,6 +29,9 @@ pub struct ServeArgs {
     pub http: HttpArgs,
     #[command(flatten)]
     pub worker: WorkerRunArgs,
+    /// `--intake jetstream` also sends the sidecar's requests as JetStream jobs.
+    #[command(flatten)]
+    pub intake: IntakeArgs,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -39,8 +45,12 @@ fn stopped(rx: &watch::Receiver<bool>) -> impl Future<Output = ()> + Send + 'sta
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let sidecar_config = args.http.to_config(&args.nats)?;
-    let mut nats_server = start_nats_if_needed(&args.nats.nats_url).await?;
+    let mut sidecar_config = args.http.to_config(&args.nats)?;
+    let jetstream = args.intake.intake == IntakeKind::Jetstream;
+    if jetstream {
+        sidecar_config.jetstream = Some(args.intake.jobs.to_stream());
+    }
+    let mut nats_server = start_nats_if_needed(&args.nats.nats_url, jetstream).await?;
 
     let (tx, rx) = watch::channel(false);
     let tx = Arc::new(tx);
@@ -56,6 +66,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         &args.engine,
         &args.nats,
         &args.worker,
+        &args.intake,
         stopped(&rx),
     );
     tokio::pin!(worker);
@@ -125,8 +136,13 @@ async fn reachable(host: &str, port: u16) -> bool {
     )
 }
 
-/// Starts `nats-server` on 127.0.0.1 when the URL is loopback and nothing listens there.
-async fn start_nats_if_needed(urls: &str) -> anyhow::Result<Option<tokio::process::Child>> {
+/// Starts `nats-server` on 127.0.0.1 when the URL is loopback and nothing listens there; with
+/// `jetstream`, with JetStream on and its store in `$TMPDIR/rerank-serve-nats-<port>` (kept, so
+/// queued jobs survive a restart of `rerank serve`).
+async fn start_nats_if_needed(
+    urls: &str,
+    jetstream: bool,
+) -> anyhow::Result<Option<tokio::process::Child>> {
     let Some((host, port)) = host_port(urls) else {
         return Ok(None);
     };
@@ -147,8 +163,14 @@ async fn start_nats_if_needed(urls: &str) -> anyhow::Result<Option<tokio::proces
         return Ok(None);
     };
     tracing::info!(binary = %binary.display(), port, "starting nats-server on 127.0.0.1");
-    let mut child = tokio::process::Command::new(&binary)
-        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+    let mut command = tokio::process::Command::new(&binary);
+    command.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
+    if jetstream {
+        let store = std::env::temp_dir().join(format!("rerank-serve-nats-{port}"));
+        tracing::info!(store = %store.display(), "nats-server with JetStream");
+        command.arg("-js").arg("-sd").arg(&store);
+    }
+    let mut child = command
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)

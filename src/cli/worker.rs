@@ -12,7 +12,7 @@ use crate::engine::EngineMetrics;
 use crate::probe::{self, ProbeState};
 use crate::worker::{self, WorkerConfig, WorkerMetrics};
 
-use super::args::{EngineArgs, LogArgs, ModelArgs, NatsArgs, WorkerRunArgs};
+use super::args::{EngineArgs, IntakeArgs, LogArgs, ModelArgs, NatsArgs, WorkerRunArgs};
 use super::load::start_engine;
 
 #[derive(Debug, Args)]
@@ -27,6 +27,8 @@ pub struct WorkerArgs {
     pub log: LogArgs,
     #[command(flatten)]
     pub worker: WorkerRunArgs,
+    #[command(flatten)]
+    pub intake: IntakeArgs,
 }
 
 pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
@@ -35,6 +37,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         &args.engine,
         &args.nats,
         &args.worker,
+        &args.intake,
         crate::shutdown::signal(),
     )
     .await
@@ -46,6 +49,7 @@ pub async fn run_worker(
     engine: &EngineArgs,
     nats: &NatsArgs,
     options: &WorkerRunArgs,
+    intake: &IntakeArgs,
     stop: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let registry = prometheus::Registry::new();
@@ -64,6 +68,7 @@ pub async fn run_worker(
     });
     let probe_server = tokio::spawn(async move { axum::serve(listener, probe_router).await });
 
+    let intake = intake.to_intake(&options.queue_group)?;
     let config = engine.to_config(!model.device.starts_with("cpu"))?;
     let (engine, info) = start_engine(model, config, engine_metrics).await?;
     let config = WorkerConfig {
@@ -74,7 +79,7 @@ pub async fn run_worker(
             ..nats.to_config(&format!("rerank-worker-{}", std::process::id()))
         },
         subject: nats.subject.clone(),
-        queue_group: options.queue_group.clone(),
+        intake,
         max_inflight_requests: options.max_inflight_requests,
         drain_timeout: Duration::from_secs(options.drain_timeout),
         log_text: options.log_text,

@@ -1,5 +1,6 @@
-//! `RerankClient`: rerank over NATS (straight to the worker pool) or over HTTP (through the
-//! sidecar), with the resilience of the seed service (`docs/seed-api.md`): per-attempt timeout, retries with exponential
+//! `RerankClient`: rerank over NATS (straight to the worker pool), over a JetStream job queue
+//! (durable; waits for a worker to start) or over HTTP (through the sidecar), with the resilience
+//! of the seed service (`docs/seed-api.md`): per-attempt timeout, retries with exponential
 //! backoff for what is safe to retry, and a fallback to the similarity order.
 //!
 //! ```no_run
@@ -19,6 +20,7 @@
 mod error;
 mod fallback;
 mod http;
+mod jetstream;
 mod nats;
 
 pub use error::{RerankError, RerankErrorKind};
@@ -111,13 +113,14 @@ struct Counters {
 #[derive(Clone, Debug)]
 enum Transport {
     Nats(nats::NatsTransport),
+    JetStream(Box<jetstream::JetStreamTransport>),
     Http(http::HttpTransport),
 }
 
 /// Why a client could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error("no transport: call .nats(client, subject) or .http(base_url)")]
+    #[error("no transport: call .nats(client, subject), .jetstream(client, jobs_subject) or .http(base_url)")]
     NoTransport,
     #[error("cannot build the HTTP client: {0}")]
     Http(String),
@@ -145,6 +148,8 @@ pub enum BuildError {
 #[derive(Debug)]
 pub struct RerankClientBuilder {
     nats: Option<(async_nats::Client, String)>,
+    /// Publish jobs to the JetStream stream instead of core request-reply.
+    jetstream: bool,
     http: Option<String>,
     bearer_token: Option<String>,
     service: String,
@@ -158,6 +163,7 @@ impl Default for RerankClientBuilder {
     fn default() -> Self {
         Self {
             nats: None,
+            jetstream: false,
             http: None,
             bearer_token: None,
             service: wire::SERVICE_NAME.to_string(),
@@ -173,6 +179,22 @@ impl RerankClientBuilder {
     /// Send over NATS on `subject` (e.g. [`wire::SUBJECT_V1`]) with this connection.
     pub fn nats(mut self, client: async_nats::Client, subject: impl Into<String>) -> Self {
         self.nats = Some((client, subject.into()));
+        self.jetstream = false;
+        self.http = None;
+        self
+    }
+
+    /// Publish each attempt as a durable job on `jobs_subject` (e.g. `rerank.jobs.v1`), captured
+    /// by the workers' JetStream stream, and wait for the reply on an inbox. The job waits in the
+    /// stream while no worker runs, and is answered by another worker if one dies with it; the
+    /// stream must exist (workers with `--intake jetstream` and the sidecar create it).
+    pub fn jetstream(
+        mut self,
+        client: async_nats::Client,
+        jobs_subject: impl Into<String>,
+    ) -> Self {
+        self.nats = Some((client, jobs_subject.into()));
+        self.jetstream = true;
         self.http = None;
         self
     }
@@ -181,6 +203,7 @@ impl RerankClientBuilder {
     pub fn http(mut self, base_url: impl Into<String>) -> Self {
         self.http = Some(base_url.into());
         self.nats = None;
+        self.jetstream = false;
         self
     }
 
@@ -224,6 +247,9 @@ impl RerankClientBuilder {
 
     pub fn build(self) -> Result<RerankClient, BuildError> {
         let transport = match (self.nats, self.http) {
+            (Some((client, subject)), _) if self.jetstream => Transport::JetStream(Box::new(
+                jetstream::JetStreamTransport::new(client, subject, self.service),
+            )),
             (Some((client, subject)), _) => Transport::Nats(nats::NatsTransport {
                 client,
                 subject,
@@ -352,6 +378,7 @@ impl RerankClient {
                 request.deadline_ms = Some(epoch_ms_after(inner.timeout));
                 let outcome = match &inner.transport {
                     Transport::Nats(t) => t.send(&request, inner.timeout).await,
+                    Transport::JetStream(t) => t.send(&request, inner.timeout).await,
                     Transport::Http(t) => t.send(&request, inner.timeout).await,
                 }
                 .and_then(|reply| validate(reply, request.documents.len()));
@@ -403,6 +430,7 @@ impl RerankClient {
     pub fn is_connected(&self) -> bool {
         match &self.inner.transport {
             Transport::Nats(t) => t.is_connected(),
+            Transport::JetStream(t) => t.core.is_connected(),
             Transport::Http(_) => true,
         }
     }
@@ -411,8 +439,15 @@ impl RerankClient {
     pub fn max_payload(&self) -> Option<usize> {
         match &self.inner.transport {
             Transport::Nats(t) => t.max_payload(),
+            Transport::JetStream(t) => t.core.max_payload(),
             Transport::Http(_) => None,
         }
+    }
+
+    /// Whether requests wait in a durable queue (the JetStream transport) rather than needing a
+    /// worker right now: with no worker running they are accepted and answered once one starts.
+    pub fn queues_jobs(&self) -> bool {
+        matches!(self.inner.transport, Transport::JetStream(_))
     }
 
     /// The per-attempt timeout.
@@ -431,14 +466,17 @@ impl RerankClient {
 
     /// Drains the NATS connection (pending replies still arrive); a no-op over HTTP.
     pub async fn close(&self) {
-        if let Transport::Nats(t) = &self.inner.transport {
-            t.close().await;
+        match &self.inner.transport {
+            Transport::Nats(t) => t.close().await,
+            Transport::JetStream(t) => t.core.close().await,
+            Transport::Http(_) => {}
         }
     }
 
     fn nats(&self) -> Result<&nats::NatsTransport, RerankError> {
         match &self.inner.transport {
             Transport::Nats(t) => Ok(t),
+            Transport::JetStream(t) => Ok(&t.core),
             Transport::Http(_) => Err(RerankError::Unsupported(
                 "worker discovery needs the NATS transport",
             )),

@@ -24,7 +24,7 @@ pub(crate) struct NatsTransport {
 
 /// Serialized size of a header block, as async-nats computes it before sending
 /// (`NATS/1.0\r\n`, each `name: value\r\n`, `\r\n`).
-fn headers_wire_len(headers: &HeaderMap) -> usize {
+pub(crate) fn headers_wire_len(headers: &HeaderMap) -> usize {
     if headers.is_empty() {
         return 0;
     }
@@ -151,7 +151,7 @@ struct PingReply {
 }
 
 /// Turns a reply message into a reply or a typed error (ADR-32 headers plus the MessagePack body).
-fn decode(message: &async_nats::Message) -> Result<RerankReply, RerankError> {
+pub(crate) fn decode(message: &async_nats::Message) -> Result<RerankReply, RerankError> {
     let header_code = message
         .headers
         .as_ref()

@@ -6,6 +6,8 @@
 //!
 //! Requests go through [`crate::client::RerankClient`] over NATS without retries (the HTTP caller
 //! has its own), except one quick retry when no worker is subscribed, which covers rollouts.
+//! With `--transport jetstream` the client's JetStream transport publishes each request as a
+//! durable job instead, which waits in the stream while the pool is scaled to zero.
 //! Imports `client`, `wire` and `telemetry`; never `async_nats` directly.
 
 pub mod error;
@@ -26,6 +28,7 @@ use axum::routing::{get, post};
 use axum::Router;
 
 use crate::client::{BuildError, RerankClient};
+use crate::jobs::{JobQueueError, JobStream};
 use crate::nats::{NatsConfig, NatsConnectError};
 
 pub use error::ApiError;
@@ -38,6 +41,9 @@ pub struct SidecarConfig {
     pub nats: NatsConfig,
     /// Request subject of the worker pool.
     pub subject: String,
+    /// JetStream transport: publish each request as a job to this stream (created if missing)
+    /// and wait for its reply, even while no worker runs. `None`: core request-reply on `subject`.
+    pub jetstream: Option<JobStream>,
     /// Per-request NATS timeout, also the deadline the workers see.
     pub request_timeout: Duration,
     /// Largest accepted HTTP body.
@@ -56,6 +62,7 @@ impl Default for SidecarConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 8001)),
             nats: NatsConfig::new("nats://127.0.0.1:4222"),
             subject: crate::wire::SUBJECT_V1.to_string(),
+            jetstream: None,
             request_timeout: Duration::from_secs(60),
             max_body_bytes: 8 * 1024 * 1024,
             api_key: None,
@@ -72,6 +79,7 @@ impl std::fmt::Debug for SidecarConfig {
             .field("listen", &self.listen)
             .field("nats", &self.nats)
             .field("subject", &self.subject)
+            .field("jetstream", &self.jetstream)
             .field("request_timeout", &self.request_timeout)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
@@ -86,6 +94,8 @@ pub enum SidecarError {
     Connect(#[from] NatsConnectError),
     #[error(transparent)]
     Client(#[from] BuildError),
+    #[error(transparent)]
+    JobQueue(#[from] JobQueueError),
     #[error("cannot register metrics: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("cannot listen on {addr}: {source}")]
@@ -133,10 +143,17 @@ impl AppState {
     }
 
     /// Connects to NATS and builds the sidecar's client: no retries but one for no responders.
+    /// With the JetStream transport the job stream is created first if it is missing.
     pub async fn connect(config: &SidecarConfig) -> Result<Self, SidecarError> {
         let nats = config.nats.connect().await?;
-        let client = RerankClient::builder()
-            .nats(nats, config.subject.clone())
+        let builder = match &config.jetstream {
+            None => RerankClient::builder().nats(nats, config.subject.clone()),
+            Some(jobs) => {
+                jobs.ensure_on(&nats, &config.subject).await?;
+                RerankClient::builder().jetstream(nats, jobs.subject.clone())
+            }
+        };
+        let client = builder
             .timeout(config.request_timeout)
             .retries(0)
             .unavailable_retries(1)

@@ -22,6 +22,14 @@ pub const MODEL_LOADED: &str = "rerank_model_loaded";
 pub const READY: &str = "rerank_ready";
 pub const NATS_CONNECTED: &str = "rerank_nats_connected";
 
+// Worker, JetStream intake.
+pub const JOBS_PENDING: &str = "rerank_jobs_pending";
+pub const JOBS_ACK_PENDING: &str = "rerank_jobs_ack_pending";
+pub const JOBS_REDELIVERED_TOTAL: &str = "rerank_jobs_redelivered_total";
+pub const JOBS_EXPIRED_TOTAL: &str = "rerank_jobs_expired_total";
+pub const JOBS_TERMINATED_TOTAL: &str = "rerank_jobs_terminated_total";
+pub const JOB_ACK_SECONDS: &str = "rerank_job_ack_seconds";
+
 // Sidecar.
 pub const HTTP_REQUESTS_TOTAL: &str = "rerank_http_requests_total";
 pub const HTTP_REQUEST_DURATION_SECONDS: &str = "rerank_http_request_duration_seconds";

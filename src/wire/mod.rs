@@ -19,6 +19,8 @@ pub const SERVICE_NAME: &str = "rerank";
 /// ADR-32 error headers, set on every error reply next to the MessagePack error body.
 pub const HEADER_SERVICE_ERROR: &str = "Nats-Service-Error";
 pub const HEADER_SERVICE_ERROR_CODE: &str = "Nats-Service-Error-Code";
+/// JetStream jobs: the caller's reply inbox (JetStream keeps no reply subject).
+pub const HEADER_REPLY_TO: &str = "Rerank-Reply-To";
 /// Content type of every body on the subject.
 pub const CONTENT_TYPE: &str = "application/msgpack";
 

@@ -12,6 +12,7 @@ use crate::model::{ChunkPolicy, Truncation, DEFAULT_CHUNK_OVERLAP, DEFAULT_MAX_C
 use crate::telemetry::propagation;
 use crate::wire::{self, ErrorCode, ErrorReply, RerankReply, RerankRequest, Span, Truncate, Usage};
 
+use super::discovery::ServiceStats;
 use super::metrics::WorkerMetrics;
 
 /// What every handler needs; shared by all in-flight requests.
@@ -19,35 +20,65 @@ pub struct HandlerContext {
     pub engine: Engine,
     pub client: async_nats::Client,
     pub metrics: WorkerMetrics,
+    /// Counters served on `$SRV.STATS`.
+    pub stats: ServiceStats,
     pub model_name: String,
     pub log_text: bool,
     /// Admission for requests still being decoded/tokenized; beyond it, `overloaded` at once.
     pub inflight: Arc<tokio::sync::Semaphore>,
 }
 
-/// Handles one NATS message to completion.
-pub async fn handle(ctx: Arc<HandlerContext>, message: async_nats::Message) {
-    let Some(reply_to) = message.reply.clone() else {
-        tracing::debug!(subject = %message.subject, "message without reply subject ignored");
-        return;
-    };
+/// What a request is answered with: the body, the ADR-32 headers of an error, and its code.
+pub struct Answer {
+    pub body: Vec<u8>,
+    pub headers: HeaderMap,
+    /// `None` for a successful reply.
+    pub code: Option<ErrorCode>,
+    /// The error's message (for discovery's `last_error`).
+    pub message: Option<String>,
+}
+
+impl Answer {
+    /// An error answer: MessagePack error body plus the ADR-32 headers.
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        let message = message.into();
+        let mut headers = HeaderMap::new();
+        headers.insert(wire::HEADER_SERVICE_ERROR, message.as_str());
+        headers.insert(
+            wire::HEADER_SERVICE_ERROR_CODE,
+            code.status().to_string().as_str(),
+        );
+        Self {
+            body: wire::encode(&ErrorReply::new(code, message.clone())),
+            headers,
+            code: Some(code),
+            message: Some(message),
+        }
+    }
+}
+
+/// The span of one request, continuing the caller's trace from the message headers.
+pub fn request_span(subject: &str, headers: Option<&HeaderMap>) -> tracing::Span {
     let span = tracing::info_span!(
         "worker.request",
         otel.kind = "server",
         messaging.system = "nats",
-        messaging.destination.name = %message.subject,
+        messaging.destination.name = %subject,
         rerank.documents = tracing::field::Empty,
         rerank.code = tracing::field::Empty,
     );
-    propagation::continue_from_nats(&span, message.headers.as_ref());
-    let received = Instant::now();
-    ctx.metrics.inflight.inc();
-    let outcome = process(&ctx, &message.payload)
-        .instrument(span.clone())
-        .await;
-    ctx.metrics.inflight.dec();
+    propagation::continue_from_nats(&span, headers);
+    span
+}
 
-    let (body, headers, code) = match outcome {
+/// Decode → engine → encoded answer, for every intake. Nothing is sent or counted here: the
+/// intake decides whether to reply (the JetStream intake hands an `overloaded` job back to the
+/// stream instead), then calls [`reply`].
+pub async fn answer(ctx: &HandlerContext, payload: &[u8], span: &tracing::Span) -> Answer {
+    ctx.metrics.inflight.inc();
+    let outcome = process(ctx, payload).instrument(span.clone()).await;
+    ctx.metrics.inflight.dec();
+    match outcome {
         Ok(reply) => {
             let body = wire::encode(&reply);
             // Replies count against max_payload too: send a small error instead of nothing.
@@ -57,47 +88,64 @@ pub async fn handle(ctx: Arc<HandlerContext>, message: async_nats::Message) {
                     body.len(),
                     ctx.client.max_payload()
                 );
-                error_reply(ErrorCode::PayloadTooLarge, message)
+                Answer::error(ErrorCode::PayloadTooLarge, message)
             } else {
-                (body, HeaderMap::new(), None)
+                Answer {
+                    body,
+                    headers: HeaderMap::new(),
+                    code: None,
+                    message: None,
+                }
             }
         }
-        Err(error) => error_reply(error.error.code, error.error.message),
-    };
-    let code_label = code.map_or("ok", ErrorCode::as_str);
+        Err(error) => Answer::error(error.error.code, error.error.message),
+    }
+}
+
+/// Counts the answer (Prometheus and service discovery) and publishes it to `reply_to`.
+pub async fn reply(
+    ctx: &HandlerContext,
+    reply_to: async_nats::Subject,
+    answer: Answer,
+    received: Instant,
+    span: &tracing::Span,
+) -> Result<(), async_nats::PublishError> {
+    let code_label = answer.code.map_or("ok", ErrorCode::as_str);
     span.record("rerank.code", code_label);
-    let outcome_label = if code.is_some() { "error" } else { "ok" };
+    let outcome_label = if answer.code.is_some() { "error" } else { "ok" };
     ctx.metrics
         .requests
         .with_label_values(&[outcome_label, code_label])
         .inc();
+    let took = received.elapsed();
     ctx.metrics
         .duration
         .with_label_values(&[outcome_label])
-        .observe(received.elapsed().as_secs_f64());
-    let publish = ctx
-        .client
-        .publish_with_headers(reply_to, headers, Bytes::from(body))
-        .instrument(tracing::info_span!(parent: &span, "worker.reply"))
-        .await;
-    if let Err(e) = publish {
-        tracing::warn!(parent: &span, error = %e, "could not publish the reply");
-    }
+        .observe(took.as_secs_f64());
+    ctx.stats.record(
+        took,
+        answer
+            .code
+            .map(|c| (c.status(), answer.message.as_deref().unwrap_or(c.as_str()))),
+    );
+    ctx.client
+        .publish_with_headers(reply_to, answer.headers, Bytes::from(answer.body))
+        .instrument(tracing::info_span!(parent: span, "worker.reply"))
+        .await
 }
 
-/// MessagePack error body plus the ADR-32 headers.
-fn error_reply(code: ErrorCode, message: String) -> (Vec<u8>, HeaderMap, Option<ErrorCode>) {
-    let mut headers = HeaderMap::new();
-    headers.insert(wire::HEADER_SERVICE_ERROR, message.as_str());
-    headers.insert(
-        wire::HEADER_SERVICE_ERROR_CODE,
-        code.status().to_string().as_str(),
-    );
-    (
-        wire::encode(&ErrorReply::new(code, message)),
-        headers,
-        Some(code),
-    )
+/// Handles one core NATS message to completion: exactly one reply per message with a reply subject.
+pub async fn handle(ctx: Arc<HandlerContext>, message: async_nats::Message) {
+    let Some(reply_to) = message.reply.clone() else {
+        tracing::debug!(subject = %message.subject, "message without reply subject ignored");
+        return;
+    };
+    let span = request_span(&message.subject, message.headers.as_ref());
+    let received = Instant::now();
+    let answer = answer(&ctx, &message.payload, &span).await;
+    if let Err(e) = reply(&ctx, reply_to, answer, received, &span).await {
+        tracing::warn!(parent: &span, error = %e, "could not publish the reply");
+    }
 }
 
 async fn process(ctx: &HandlerContext, payload: &[u8]) -> Result<RerankReply, ErrorReply> {

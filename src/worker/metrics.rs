@@ -1,6 +1,8 @@
 //! Prometheus instruments of the worker's request handling.
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
 
 use crate::telemetry::metrics as names;
 
@@ -13,6 +15,17 @@ pub struct WorkerMetrics {
     pub model_loaded: IntGauge,
     pub ready: IntGauge,
     pub nats_connected: IntGauge,
+    /// JetStream intake: jobs waiting in the stream for any worker (the consumer's lag).
+    pub jobs_pending: IntGauge,
+    /// JetStream intake: jobs delivered to a worker and not yet acked.
+    pub jobs_ack_pending: IntGauge,
+    pub jobs_redelivered: IntCounter,
+    /// Jobs dropped unprocessed because their deadline passed.
+    pub jobs_expired: IntCounter,
+    /// Jobs terminated (poison, out of deliveries, expired).
+    pub jobs_terminated: IntCounter,
+    /// Delivery to ack (the job's time on this worker).
+    pub job_ack_seconds: Histogram,
 }
 
 impl WorkerMetrics {
@@ -37,6 +50,30 @@ impl WorkerMetrics {
             model_loaded: names::gauge(names::MODEL_LOADED, "1 once the model is loaded and warm")?,
             ready: names::gauge(names::READY, "1 while the worker takes requests")?,
             nats_connected: names::gauge(names::NATS_CONNECTED, "1 while connected to NATS")?,
+            jobs_pending: names::gauge(
+                names::JOBS_PENDING,
+                "Jobs waiting in the JetStream stream (the consumer's lag)",
+            )?,
+            jobs_ack_pending: names::gauge(
+                names::JOBS_ACK_PENDING,
+                "Jobs delivered to workers and not yet acked",
+            )?,
+            jobs_redelivered: names::counter(
+                names::JOBS_REDELIVERED_TOTAL,
+                "Jobs this worker received again after another delivery went unacked",
+            )?,
+            jobs_expired: names::counter(
+                names::JOBS_EXPIRED_TOTAL,
+                "Jobs dropped unprocessed because their deadline had passed",
+            )?,
+            jobs_terminated: names::counter(
+                names::JOBS_TERMINATED_TOTAL,
+                "Jobs terminated: undecodable, out of deliveries or expired",
+            )?,
+            job_ack_seconds: names::seconds(
+                names::JOB_ACK_SECONDS,
+                "Time from a job's delivery to its ack",
+            )?,
         };
         registry.register(Box::new(m.requests.clone()))?;
         registry.register(Box::new(m.duration.clone()))?;
@@ -44,6 +81,12 @@ impl WorkerMetrics {
         registry.register(Box::new(m.model_loaded.clone()))?;
         registry.register(Box::new(m.ready.clone()))?;
         registry.register(Box::new(m.nats_connected.clone()))?;
+        registry.register(Box::new(m.jobs_pending.clone()))?;
+        registry.register(Box::new(m.jobs_ack_pending.clone()))?;
+        registry.register(Box::new(m.jobs_redelivered.clone()))?;
+        registry.register(Box::new(m.jobs_expired.clone()))?;
+        registry.register(Box::new(m.jobs_terminated.clone()))?;
+        registry.register(Box::new(m.job_ack_seconds.clone()))?;
         Ok(m)
     }
 }

@@ -1,13 +1,16 @@
-//! The NATS worker: a queue-group subscriber that feeds the engine and answers every request.
+//! The NATS worker: takes requests from an intake, feeds the engine and answers every request.
 //!
-//! Lifecycle: connect → register the NATS service (discovery via `$SRV.PING/INFO/STATS`, with model
-//! metadata) → subscribe in the queue group → ready. On the stop signal: not ready → leave discovery
-//! → drain the subscription (UNSUB + PING, so everything the server already sent still arrives) →
-//! answer every accepted request → flush → stop the engine.
+//! Lifecycle: connect → (JetStream intake: create or check the stream and the consumer) → answer
+//! service discovery (`$SRV.PING/INFO/STATS`, [`discovery`]) → subscribe or start pulling → ready.
+//! On the stop signal: not ready → leave discovery → drain the intake (see [`intake`]) → answer
+//! every accepted request → flush → stop the engine.
 
+mod discovery;
 mod handler;
+pub mod intake;
 mod metrics;
 
+pub use discovery::{EndpointInfo, ServiceIdentity, ServiceStats, StatsSnapshot};
 pub use handler::engine_error_reply;
 pub use metrics::WorkerMetrics;
 
@@ -17,25 +20,44 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::service::ServiceExt;
-use futures::StreamExt;
-use tokio::task::JoinSet;
-
 use crate::engine::Engine;
+use crate::jobs::{JobConsumer, JobQueueError, JobStream};
 use crate::model::ModelInfo;
 use crate::nats::{NatsConfig, NatsConnectError};
 use crate::wire;
+use discovery::Discovery;
 use handler::HandlerContext;
+use intake::core::CoreIntake;
+use intake::jetstream::JetStreamIntake;
 
 /// Longest wait for the last replies to reach the NATS server on the way out.
 const FINAL_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where requests come from.
+#[derive(Debug, Clone)]
+pub enum Intake {
+    /// Core request-reply on the worker's subject, in a queue group.
+    Core { queue_group: String },
+    /// Jobs pulled from a durable JetStream work queue.
+    JetStream(JetStreamSettings),
+}
+
+/// The JetStream intake's stream, consumer and pull bound.
+#[derive(Debug, Clone, Default)]
+pub struct JetStreamSettings {
+    pub stream: JobStream,
+    pub consumer: JobConsumer,
+    /// Jobs this worker holds at once (pulled, not yet answered); the rest wait in the stream.
+    pub max_pulled_jobs: usize,
+}
 
 /// Everything `run` needs besides the engine.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
     pub nats: NatsConfig,
+    /// The core request subject (`rerank.v1`); the jobs subject must not overlap it.
     pub subject: String,
-    pub queue_group: String,
+    pub intake: Intake,
     /// Requests decoded/tokenized/queued at once; beyond it `overloaded` is sent at once.
     pub max_inflight_requests: usize,
     /// Upper bound on the drain after the stop signal.
@@ -49,10 +71,18 @@ pub struct WorkerConfig {
 pub enum WorkerError {
     #[error(transparent)]
     Connect(#[from] NatsConnectError),
-    #[error("cannot register the NATS service: {0}")]
+    #[error("cannot answer NATS service discovery: {0}")]
     Service(String),
     #[error("cannot subscribe to {subject}: {message}")]
     Subscribe { subject: String, message: String },
+    #[error(transparent)]
+    JobQueue(#[from] JobQueueError),
+}
+
+/// A started intake.
+enum Running {
+    Core(CoreIntake),
+    JetStream(Box<JetStreamIntake>),
 }
 
 /// Serves until `stop` resolves, then drains. `ready` mirrors readiness for the probe.
@@ -65,6 +95,29 @@ pub async fn run(
 ) -> Result<(), WorkerError> {
     let client = config.nats.connect().await?;
     metrics.model_loaded.set(1);
+
+    // The JetStream queue first: a worker that cannot use it must not announce itself.
+    let consumer = match &config.intake {
+        Intake::Core { .. } => None,
+        Intake::JetStream(settings) => {
+            let js = async_nats::jetstream::new(client.clone());
+            let stream = settings.stream.ensure(&js, &config.subject).await?;
+            let consumer = settings
+                .consumer
+                .ensure(&stream, &settings.stream.name)
+                .await?;
+            Some(consumer)
+        }
+    };
+
+    let (endpoint_subject, queue_group, intake_name) = match &config.intake {
+        Intake::Core { queue_group } => (config.subject.clone(), queue_group.clone(), "core"),
+        Intake::JetStream(s) => (
+            s.stream.subject.clone(),
+            s.consumer.name.clone(),
+            "jetstream",
+        ),
+    };
     let mut metadata = HashMap::new();
     metadata.insert("model".to_string(), config.model.name.clone());
     metadata.insert("device".to_string(), config.model.device.clone());
@@ -74,73 +127,90 @@ pub async fn run(
         config.model.max_length.to_string(),
     );
     metadata.insert("model_loaded".to_string(), "true".to_string());
-    metadata.insert("subject".to_string(), config.subject.clone());
-    let service = client
-        .service_builder()
-        .description("Cross-encoder reranking; MessagePack v1 requests on the subject in metadata")
-        .metadata(metadata)
-        .start(wire::SERVICE_NAME, env!("CARGO_PKG_VERSION"))
+    metadata.insert("subject".to_string(), endpoint_subject.clone());
+    metadata.insert("intake".to_string(), intake_name.to_string());
+    let stats = ServiceStats::default();
+    let identity = ServiceIdentity {
+        name: wire::SERVICE_NAME.to_string(),
+        id: instance_id(&client),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        description: format!(
+            "Cross-encoder reranking; MessagePack v1 requests on {endpoint_subject} ({intake_name} intake)"
+        ),
+        metadata,
+    };
+    let endpoint = EndpointInfo {
+        name: wire::SERVICE_NAME.to_string(),
+        subject: endpoint_subject.clone(),
+        queue_group: queue_group.clone(),
+        metadata: HashMap::from([("intake".to_string(), intake_name.to_string())]),
+    };
+    let discovery = Discovery::start(client.clone(), identity, endpoint, stats.clone())
         .await
         .map_err(|e| WorkerError::Service(e.to_string()))?;
-    let mut requests = client
-        .queue_subscribe(config.subject.clone(), config.queue_group.clone())
-        .await
-        .map_err(|e| WorkerError::Subscribe {
-            subject: config.subject.clone(),
-            message: e.to_string(),
-        })?;
+
     let ctx = Arc::new(HandlerContext {
         engine: engine.clone(),
         client: client.clone(),
         metrics: metrics.clone(),
+        stats,
         model_name: config.model.name.clone(),
         log_text: config.log_text,
         inflight: Arc::new(tokio::sync::Semaphore::new(
             config.max_inflight_requests.max(1),
         )),
     });
+    let mut running = match (&config.intake, consumer) {
+        (Intake::JetStream(settings), Some(consumer)) => Running::JetStream(Box::new(
+            JetStreamIntake::new(consumer, settings.max_pulled_jobs, &ctx)
+                .await
+                .map_err(|message| WorkerError::Subscribe {
+                    subject: endpoint_subject.clone(),
+                    message,
+                })?,
+        )),
+        _ => Running::Core(
+            CoreIntake::subscribe(&client, &config.subject, &queue_group)
+                .await
+                .map_err(|e| WorkerError::Subscribe {
+                    subject: config.subject.clone(),
+                    message: e.to_string(),
+                })?,
+        ),
+    };
     let connection_watch = tokio::spawn(watch_connection(client.clone(), metrics.clone()));
     ready.store(true, Ordering::Release);
     metrics.ready.set(1);
-    tracing::info!(subject = %config.subject, queue_group = %config.queue_group, "worker ready");
+    tracing::info!(subject = %endpoint_subject, %queue_group, intake = intake_name, "worker ready");
 
-    let mut handlers = JoinSet::new();
-    tokio::pin!(stop);
-    loop {
-        tokio::select! {
-            message = requests.next() => match message {
-                Some(message) => { handlers.spawn(handler::handle(ctx.clone(), message)); }
-                None => break,
-            },
-            () = &mut stop => break,
-            // Reap finished handlers so the set does not grow without bound.
-            Some(_) = handlers.join_next(), if !handlers.is_empty() => {}
+    let in_flight = match &mut running {
+        Running::Core(intake) => {
+            intake.serve(&ctx, stop).await;
+            intake.in_flight()
         }
-    }
+        Running::JetStream(intake) => {
+            intake.serve(&ctx, stop).await;
+            intake.in_flight()
+        }
+    };
 
-    tracing::info!(in_flight = handlers.len(), "draining");
+    tracing::info!(in_flight, "draining");
     ready.store(false, Ordering::Release);
     metrics.ready.set(0);
-    if let Err(e) = service.stop().await {
-        tracing::warn!(error = %e, "could not leave service discovery");
-    }
+    discovery.stop();
     let drained = tokio::time::timeout(config.drain_timeout, async {
-        if let Err(e) = requests.drain().await {
-            tracing::warn!(error = %e, "subscription drain failed");
+        match &mut running {
+            Running::Core(intake) => intake.drain(&ctx).await,
+            Running::JetStream(intake) => intake.drain().await,
         }
-        // Messages the server sent before the UNSUB still arrive; answer them too.
-        while let Some(message) = requests.next().await {
-            handlers.spawn(handler::handle(ctx.clone(), message));
-        }
-        while handlers.join_next().await.is_some() {}
     })
     .await;
     if drained.is_err() {
-        tracing::error!(
-            left = handlers.len(),
-            "drain timed out; abandoning requests"
-        );
-        handlers.abort_all();
+        tracing::error!("drain timed out; abandoning requests");
+        match &mut running {
+            Running::Core(intake) => intake.abandon(),
+            Running::JetStream(intake) => intake.abandon(),
+        }
     }
     // Bounded: with NATS unreachable the flush waits for a reconnect that may never come, and
     // SIGTERM must still end the process (tests/chaos.rs).
@@ -153,6 +223,12 @@ pub async fn run(
     engine.shutdown().await;
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// A unique service instance id (the random part of a fresh inbox name).
+fn instance_id(client: &async_nats::Client) -> String {
+    let inbox = client.new_inbox();
+    inbox.rsplit('.').next().unwrap_or(&inbox).to_string()
 }
 
 /// Mirrors the NATS connection state into a gauge.

@@ -84,6 +84,21 @@ impl NatsServer {
         server
     }
 
+    /// Starts with JetStream on, its store in this server's temporary directory (kept across
+    /// [`restart`](Self::restart), so stored streams survive it).
+    pub fn start_jetstream() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = dir.path().join("jetstream");
+        let mut server = Self {
+            child: None,
+            port: free_port(),
+            extra_args: vec!["-js".into(), "-sd".into(), store.display().to_string()],
+            _dir: dir,
+        };
+        server.spawn();
+        server
+    }
+
     /// Starts with a configuration file holding `config` (e.g. `max_payload: 8MB`).
     pub fn start_with_config(config: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");

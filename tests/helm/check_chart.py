@@ -735,12 +735,26 @@ def assert_autoscaling(name: str, r: Rendered) -> None:
     if sos:
         so = sos[0]["spec"]
         assert so["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
-        assert 1 <= so["minReplicaCount"] <= so["maxReplicaCount"], f"{name}: bad min/max replicas"
-        prom = [t for t in so["triggers"] if t["type"] == "prometheus"][0]
-        q = prom["metadata"]["query"]
-        assert "rerank_queue_pairs" in q and q.replace(" ", "").startswith("sum("), f"{name}: KEDA query should sum rerank_queue_pairs: {q}"
-        assert NAMESPACE in q, f"{name}: KEDA query not scoped to the release namespace: {q}"
-        float(prom["metadata"]["threshold"])
+        jetstream = r.values["worker"]["intake"] == "jetstream"
+        # Scale to zero only where requests wait for a worker (the JetStream intake).
+        assert (0 if jetstream else 1) <= so["minReplicaCount"] <= so["maxReplicaCount"], f"{name}: bad min/max replicas"
+        if jetstream:
+            js = r.values["nats"]["jetstream"]
+            lag = [t for t in so["triggers"] if t["type"] == "nats-jetstream"]
+            assert len(lag) == 1, f"{name}: the JetStream intake scales on the consumer's lag"
+            meta = lag[0]["metadata"]
+            assert set(meta) == {"natsServerMonitoringEndpoint", "account", "stream", "consumer", "lagThreshold",
+                                 "activationLagThreshold"}, f"{name}: nats-jetstream trigger fields: {sorted(meta)}"
+            assert meta["stream"] == js["stream"] and meta["consumer"] == js["consumer"], f"{name}: trigger on another consumer"
+            assert re.match(r"^[^\s/]+:[0-9]+$", meta["natsServerMonitoringEndpoint"]), meta
+            int(meta["lagThreshold"]), int(meta["activationLagThreshold"])
+            assert not [t for t in so["triggers"] if t["type"] == "prometheus"], f"{name}: worker-reported metrics vanish at zero"
+        else:
+            prom = [t for t in so["triggers"] if t["type"] == "prometheus"][0]
+            q = prom["metadata"]["query"]
+            assert "rerank_queue_pairs" in q and q.replace(" ", "").startswith("sum("), f"{name}: KEDA query should sum rerank_queue_pairs: {q}"
+            assert NAMESPACE in q, f"{name}: KEDA query not scoped to the release namespace: {q}"
+            float(prom["metadata"]["threshold"])
         down = so["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
         assert down["stabilizationWindowSeconds"] >= 600, f"{name}: KEDA scale-down window too short"
     if hpas:
@@ -962,6 +976,18 @@ def assert_network_policy(name: str, r: Rendered) -> None:
     if not v["networkPolicy"]["enabled"]:
         assert not nps
         return
+    w = v["worker"]
+    monitoring = [n for n in nps if n["spec"]["podSelector"]["matchLabels"].get("app.kubernetes.io/name") == "nats"]
+    if w["enabled"] and w["intake"] == "jetstream" and w["autoscaling"]["keda"]["enabled"] \
+            and v["networkPolicy"]["natsMonitoring"]["enabled"]:
+        assert len(monitoring) == 1, f"{name}: KEDA cannot reach the NATS monitoring port"
+        ports = {p["port"] for rule in monitoring[0]["spec"]["ingress"] for p in rule.get("ports", [])}
+        assert ports == {v["networkPolicy"]["natsMonitoring"]["port"]}, f"{name}: NATS monitoring policy opens {ports}"
+        endpoint = w["autoscaling"]["keda"]["jetstream"]["natsServerMonitoringEndpoint"]
+        assert endpoint.endswith(f":{v['networkPolicy']['natsMonitoring']['port']}"), f"{name}: KEDA reads another port"
+    else:
+        assert not monitoring, f"{name}: NATS monitoring policy without the JetStream KEDA trigger"
+    nps = [n for n in nps if n not in monitoring]
     for component in ("worker", "sidecar"):
         dep = r.deployment(component)
         if dep is None:
@@ -1025,6 +1051,28 @@ def t_render_refuses_incomplete_credentials() -> None:
     expect_render_failure({"nats": {"auth": {"type": "token"}}}, "nats.auth")
     expect_render_failure({"nats": {"tls": {"enabled": True}}}, "nats.tls.existingSecret")
     expect_render_failure({"worker": {"device": "cpu"}}, "worker.gpu.enabled")
+
+
+def t_render_refuses_scale_to_zero_without_jetstream() -> None:
+    zero = {"worker": {"autoscaling": {"keda": {"enabled": True, "minReplicas": 0}}}}
+    expect_values_rejected(zero, "jetstream")
+    render_raw({"worker": {"intake": "jetstream", "autoscaling": {"keda": {"enabled": True, "minReplicas": 0}}}})
+
+
+def t_jetstream_intake_wiring() -> None:
+    r = rendered("jetstream-scale-to-zero-values.yaml")
+    js = r.values["nats"]["jetstream"]
+    worker_cm = configmap_env(r, container(r.deployment("worker"), "worker"))
+    sidecar_cm = configmap_env(r, container(r.deployment("sidecar"), "sidecar"))
+    assert worker_cm["RERANK_INTAKE"] == "jetstream" and sidecar_cm["RERANK_TRANSPORT"] == "jetstream"
+    for env in (worker_cm, sidecar_cm):
+        assert env["RERANK_STREAM"] == js["stream"] and env["RERANK_JOBS_SUBJECT"] == js["jobsSubject"]
+        assert env["RERANK_STREAM_REPLICAS"] == "3"
+    assert worker_cm["RERANK_CONSUMER"] == js["consumer"]
+    assert js["jobsSubject"] != r.values["nats"]["subject"]
+    default = rendered("default")
+    assert configmap_env(default, container(default.deployment("worker"), "worker"))["RERANK_INTAKE"] == "core"
+    assert "RERANK_STREAM" not in configmap_env(default, container(default.deployment("worker"), "worker"))
 
 
 def t_long_release_name_fits() -> None:
@@ -1198,6 +1246,8 @@ def main() -> int:
     check("render refuses HPA + KEDA together", t_render_refuses_hpa_and_keda)
     check("render refuses grace period <= drain/request timeout", t_render_refuses_short_grace_period)
     check("render refuses incomplete credentials / contradictions", t_render_refuses_incomplete_credentials)
+    check("render refuses minReplicas 0 without the JetStream intake", t_render_refuses_scale_to_zero_without_jetstream)
+    check("JetStream intake: worker/sidecar env, KEDA lag trigger", t_jetstream_intake_wiring)
     check("long release names stay within 63 characters", t_long_release_name_fits)
     check("the invariant checks detect broken manifests", t_checks_detect_breakage)
     check("hadolint Dockerfile", t_hadolint)

@@ -169,6 +169,9 @@ Validation that cannot be expressed in values.schema.json. Included by every wor
 {{- if and $w.autoscaling.keda.enabled $w.autoscaling.hpa.enabled }}
 {{- fail "worker.autoscaling.keda.enabled and worker.autoscaling.hpa.enabled are mutually exclusive: KEDA creates and owns its own HPA. Enable only one." }}
 {{- end }}
+{{- if and $w.autoscaling.keda.enabled (eq (int $w.autoscaling.keda.minReplicas) 0) (ne $w.intake "jetstream") }}
+{{- fail "worker.autoscaling.keda.minReplicas=0 needs worker.intake=jetstream: with the core intake a request sent while no worker runs fails at once (no responders), and nothing would wake the pool." }}
+{{- end }}
 {{- if le (int $w.terminationGracePeriodSeconds) (int $w.drainTimeoutSeconds) }}
 {{- fail (printf "worker.terminationGracePeriodSeconds (%d) must be greater than worker.drainTimeoutSeconds (%d), or in-flight requests are killed mid-drain." (int $w.terminationGracePeriodSeconds) (int $w.drainTimeoutSeconds)) }}
 {{- end }}

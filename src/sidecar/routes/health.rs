@@ -5,6 +5,10 @@
 //!   loaded; otherwise 503 `{"status": "unhealthy", "model_loaded": false, "reason": "..."}`.
 //!   It answers within a second: an empty pool is known at once (no responders), a silent one
 //!   after the discovery window (250 ms by default).
+//!   With the JetStream transport and no worker running (the pool scaled to zero), the sidecar
+//!   still accepts requests (they wait in the stream and start a worker through KEDA), so it
+//!   answers 200 `{"status": "healthy", "model_loaded": false, "reason": "..."}`: it can serve,
+//!   but no model is loaded yet, and the first request pays a cold start.
 //! - `/live`: the process is up (never depends on NATS or workers, to avoid restart cascades).
 //! - `/ready`: 200 while connected to NATS, so traffic goes to sidecars that can forward it.
 
@@ -29,7 +33,7 @@ pub enum HealthStatus {
     Unhealthy,
 }
 
-/// The seed's health body; `reason` only when unhealthy.
+/// The seed's health body; `reason` when unhealthy or when no model is loaded.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct HealthResponse {
     pub status: HealthStatus,
@@ -68,6 +72,18 @@ pub async fn health(State(state): State<AppState>) -> Response {
                 model_loaded: true,
                 device: Some(worker.device.unwrap_or_else(|| "unknown".into())),
                 reason: None,
+            }),
+        )
+            .into_response(),
+        Ok(Ok(None)) if client.queues_jobs() => (
+            StatusCode::OK,
+            Json(HealthResponse {
+                status: HealthStatus::Healthy,
+                model_loaded: false,
+                device: None,
+                reason: Some(
+                    "no worker is running (scaled to zero): requests are queued in JetStream and answered once a worker has started".into(),
+                ),
             }),
         )
             .into_response(),

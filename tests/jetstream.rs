@@ -1,0 +1,495 @@
+//! The JetStream intake end to end: a real nats-server with JetStream on a temporary store
+//! directory (loopback only), real worker processes on the tiny model, the real sidecar and client.
+//! Numbers follow issue 12's test list.
+
+mod common;
+mod stack;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use common::{golden, http_get, metric_sum, within, NatsServer, WorkerProcess};
+use futures::StreamExt;
+use rerank_service::client::{RerankClient, RerankErrorKind};
+use rerank_service::jobs::{JobStream, DEFAULT_CONSUMER, DEFAULT_JOBS_SUBJECT, DEFAULT_STREAM};
+use rerank_service::wire::{self, ErrorCode, ReplyBody, RerankRequest};
+use stack::{nats_connect, post, Sidecar};
+
+/// Worker flags for these tests: a short ack_wait so a dead worker's jobs come back quickly.
+const JS_WORKER: &[&str] = &["--intake", "jetstream", "--ack-wait", "2"];
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn start_worker(url: &str) -> WorkerProcess {
+    WorkerProcess::start(url, JS_WORKER)
+}
+
+/// A worker started off the async runtime (its readiness wait blocks).
+async fn start_worker_async(url: &str) -> WorkerProcess {
+    let url = url.to_string();
+    tokio::task::spawn_blocking(move || start_worker(&url))
+        .await
+        .expect("worker start")
+}
+
+fn jetstream_client(nats: async_nats::Client, timeout: Duration) -> RerankClient {
+    RerankClient::builder()
+        .jetstream(nats, DEFAULT_JOBS_SUBJECT)
+        .timeout(timeout)
+        .retries(0)
+        .build()
+        .expect("client")
+}
+
+async fn ensure_stream(client: &async_nats::Client, stream: &JobStream) {
+    within(
+        Duration::from_secs(10),
+        "create the job stream",
+        stream.ensure_on(client, wire::SUBJECT_V1),
+    )
+    .await
+    .expect("stream");
+}
+
+async fn stream_messages(js: &jetstream::Context) -> u64 {
+    let mut stream = js.get_stream(DEFAULT_STREAM).await.expect("stream");
+    stream.info().await.expect("stream info").state.messages
+}
+
+/// Polls `condition` every 50 ms until it holds (bounded; fails with `what`).
+async fn wait_until<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !condition().await {
+        assert!(start.elapsed() < LIMIT, "not within {LIMIT:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn worker_metric(worker: &WorkerProcess, name: &str) -> f64 {
+    http_get(worker.health_port, "/metrics")
+        .map(|(_, body)| metric_sum(&body, name))
+        .unwrap_or(0.0)
+}
+
+fn request(query: &str, documents: &[String]) -> RerankRequest {
+    RerankRequest {
+        query: query.into(),
+        documents: documents.to_vec(),
+        ..Default::default()
+    }
+}
+
+/// Publishes a raw job with a reply inbox; returns the inbox subscription.
+async fn publish_raw(client: &async_nats::Client, payload: Vec<u8>) -> async_nats::Subscriber {
+    let inbox = client.new_inbox();
+    let replies = client.subscribe(inbox.clone()).await.expect("subscribe");
+    let js = jetstream::new(client.clone());
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(wire::HEADER_REPLY_TO, inbox.as_str());
+    within(Duration::from_secs(10), "publish a raw job", async {
+        js.publish_with_headers(DEFAULT_JOBS_SUBJECT, headers, Bytes::from(payload))
+            .await
+            .expect("publish")
+            .await
+            .expect("stream ack")
+    })
+    .await;
+    replies
+}
+
+async fn first_reply(replies: &mut async_nats::Subscriber) -> ReplyBody {
+    let message = within(LIMIT, "job reply", replies.next())
+        .await
+        .expect("reply");
+    wire::decode_reply(&message.payload).expect("decodable reply")
+}
+
+/// 1. Cold start: 10 requests with zero workers; a worker started afterwards answers all 10 with
+/// the golden scores, through the sidecar and through the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cold_start_answers_requests_sent_while_no_worker_ran() {
+    let nats = NatsServer::start_jetstream();
+    let sidecar = Sidecar::start_with(&nats.url(), |c| {
+        c.jetstream = Some(JobStream::default());
+        c.request_timeout = LIMIT;
+    })
+    .await;
+    // Scaled to zero: the sidecar can serve, but no model is loaded.
+    let health = stack::get(&sidecar.url("/health"), None).await;
+    assert_eq!(health.status, 200, "{}", health.text);
+    assert_eq!(health.json()["model_loaded"], false);
+
+    let raw = nats_connect(&nats.url()).await;
+    let client = jetstream_client(raw.clone(), LIMIT);
+    let cases: Vec<_> = golden()
+        .cases
+        .into_iter()
+        .filter(|c| c.max_length == 512 && !c.query.is_empty())
+        .collect();
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..10 {
+        let case = cases[i % cases.len()].clone();
+        if i % 2 == 0 {
+            let url = sidecar.url("/rerank");
+            calls.spawn(async move {
+                let body = serde_json::json!({"query": case.query, "documents": case.documents});
+                let answer = post(&url, &body, None).await;
+                assert_eq!(answer.status, 200, "{}", answer.text);
+                let scores: Vec<f32> =
+                    serde_json::from_value(answer.json()["scores"].clone()).expect("scores");
+                (case, scores)
+            });
+        } else {
+            let client = client.clone();
+            calls.spawn(async move {
+                let result = client
+                    .rerank(case.query.clone(), case.documents.clone())
+                    .await
+                    .expect("client rerank");
+                (case, result.scores)
+            });
+        }
+    }
+    let js = &jetstream::new(raw.clone());
+    wait_until("10 jobs queued", || async move {
+        stream_messages(js).await == 10
+    })
+    .await;
+    let worker = start_worker_async(&nats.url()).await;
+    let mut answered = 0;
+    while let Some(done) = within(LIMIT, "cold-start replies", calls.join_next()).await {
+        let (case, scores) = done.expect("call task");
+        common::assert_close(&scores, &case.scores, 1e-4, &case.name);
+        answered += 1;
+    }
+    assert_eq!(answered, 10);
+    assert_eq!(worker_metric(&worker, "rerank_requests_total"), 10.0);
+    // With a worker up, /health reports the loaded model again.
+    let health = stack::get(&sidecar.url("/health"), None).await;
+    assert_eq!(health.json()["model_loaded"], true, "{}", health.text);
+    sidecar.stop().await;
+}
+
+/// 4. Expiry: jobs whose TTL passed while no worker ran are deleted by the stream; jobs whose
+/// deadline passed are terminated by the worker without computing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn expired_jobs_are_never_computed() {
+    let nats = NatsServer::start_jetstream();
+    let raw = nats_connect(&nats.url()).await;
+    ensure_stream(&raw, &JobStream::default()).await;
+    let js = &jetstream::new(raw.clone());
+
+    // Callers that give up after 1 s: their jobs carry Nats-TTL 1s.
+    let client = jetstream_client(raw.clone(), Duration::from_secs(1));
+    let docs = vec!["a document".to_string()];
+    let calls = (0..4).map(|_| client.send(request("q", &docs)));
+    for result in futures::future::join_all(calls).await {
+        assert_eq!(
+            result.expect_err("no worker").kind(),
+            RerankErrorKind::Timeout
+        );
+    }
+    // Jobs without a TTL whose deadline has passed (a publisher that sets no Nats-TTL).
+    let mut stale = Vec::new();
+    for _ in 0..3 {
+        let mut job = request("q", &docs);
+        job.deadline_ms = Some(1);
+        stale.push(publish_raw(&raw, wire::encode(&job)).await);
+    }
+    wait_until("the TTL jobs are deleted by the stream", || async move {
+        stream_messages(js).await == 3
+    })
+    .await;
+
+    let worker = &start_worker_async(&nats.url()).await;
+    for replies in &mut stale {
+        match first_reply(replies).await {
+            ReplyBody::Err(e) => assert_eq!(e.error.code, ErrorCode::DeadlineExceeded),
+            ok => panic!("expected deadline_exceeded, got {ok:?}"),
+        }
+    }
+    wait_until("expired jobs counted", || async move {
+        worker_metric(worker, "rerank_jobs_expired_total") == 3.0
+    })
+    .await;
+    assert_eq!(worker_metric(worker, "rerank_jobs_terminated_total"), 3.0);
+    assert_eq!(
+        worker_metric(worker, "rerank_pairs_total"),
+        0.0,
+        "nothing computed"
+    );
+    wait_until("the stream is empty", || async move {
+        stream_messages(js).await == 0
+    })
+    .await;
+}
+
+/// 5. Poison: an undecodable job is terminated after one delivery, its caller gets
+/// `invalid_request`, and the worker keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_undecodable_job_is_terminated_at_once() {
+    let nats = NatsServer::start_jetstream();
+    let worker = start_worker_async(&nats.url()).await;
+    let raw = nats_connect(&nats.url()).await;
+    let js = &jetstream::new(raw.clone());
+
+    let mut replies = publish_raw(&raw, b"\xc1 definitely not msgpack".to_vec()).await;
+    match first_reply(&mut replies).await {
+        ReplyBody::Err(e) => assert_eq!(e.error.code, ErrorCode::InvalidRequest),
+        ok => panic!("expected invalid_request, got {ok:?}"),
+    }
+    wait_until("the poison job is gone", || async move {
+        let mut stream = js.get_stream(DEFAULT_STREAM).await.expect("stream");
+        let mut consumer: jetstream::consumer::PullConsumer = stream
+            .get_consumer(DEFAULT_CONSUMER)
+            .await
+            .expect("consumer");
+        let info = consumer.info().await.expect("consumer info");
+        let messages = stream.info().await.expect("info").state.messages;
+        messages == 0 && info.num_ack_pending == 0 && info.num_pending == 0
+    })
+    .await;
+    assert_eq!(worker_metric(&worker, "rerank_jobs_terminated_total"), 1.0);
+    assert_eq!(worker_metric(&worker, "rerank_jobs_redelivered_total"), 0.0);
+
+    let client = jetstream_client(raw, LIMIT);
+    let ok = client
+        .rerank("q", ["still serving"])
+        .await
+        .expect("next job");
+    assert_eq!(ok.scores.len(), 1);
+}
+
+/// 6. A full stream refuses the publish: `overloaded` from the client, 429 + Retry-After over HTTP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_stream_is_overloaded_at_publish() {
+    let nats = NatsServer::start_jetstream();
+    let raw = nats_connect(&nats.url()).await;
+    let small = JobStream {
+        max_messages: 3,
+        ..JobStream::default()
+    };
+    ensure_stream(&raw, &small).await;
+    let js = &jetstream::new(raw.clone());
+    let client = jetstream_client(raw.clone(), LIMIT);
+    let mut waiting = Vec::new();
+    for _ in 0..3 {
+        let client = client.clone();
+        waiting.push(tokio::spawn(async move { client.rerank("q", ["d"]).await }));
+    }
+    wait_until(
+        "3 jobs queued",
+        || async move { stream_messages(js).await == 3 },
+    )
+    .await;
+
+    let refused = within(
+        Duration::from_secs(20),
+        "refused publish",
+        client.rerank("q", ["d"]),
+    )
+    .await
+    .expect_err("the stream is full");
+    assert_eq!(refused.kind(), RerankErrorKind::Overloaded, "{refused}");
+
+    let sidecar = Sidecar::start_with(&nats.url(), |c| c.jetstream = Some(small.clone())).await;
+    let answer = post(&sidecar.url("/rerank"), &stack::seed_request(), None).await;
+    assert_eq!(answer.status, 429, "{}", answer.text);
+    assert_eq!(answer.error_code(), "overloaded");
+    assert!(answer.header("retry-after").is_some());
+
+    // The queued ones are still answered once a worker comes.
+    let _worker = start_worker_async(&nats.url()).await;
+    for call in waiting {
+        let result = within(LIMIT, "queued job", call).await.expect("task");
+        assert_eq!(result.expect("answered").scores.len(), 1);
+    }
+    sidecar.stop().await;
+}
+
+/// Callers that do not retry, each sending `per_caller` requests one after the other; returns
+/// (answered, failures).
+fn callers(
+    client: &RerankClient,
+    count: usize,
+    per_caller: usize,
+) -> tokio::task::JoinSet<(usize, Vec<String>)> {
+    let mut set = tokio::task::JoinSet::new();
+    for caller in 0..count {
+        let client = client.clone();
+        set.spawn(async move {
+            let mut failures = Vec::new();
+            let mut answered = 0;
+            for i in 0..per_caller {
+                let docs = vec![format!("document {caller}-{i}"), "another one".to_string()];
+                match client.rerank(format!("query {caller}"), docs).await {
+                    Ok(r) if r.scores.len() == 2 => answered += 1,
+                    Ok(r) => failures.push(format!("{} scores", r.scores.len())),
+                    Err(e) => failures.push(e.to_string()),
+                }
+            }
+            (answered, failures)
+        });
+    }
+    set
+}
+
+async fn collect(mut set: tokio::task::JoinSet<(usize, Vec<String>)>) -> (usize, Vec<String>) {
+    let (mut answered, mut failures) = (0, Vec::new());
+    while let Some(done) = within(LIMIT * 3, "callers finish", set.join_next()).await {
+        let (a, f) = done.expect("caller task");
+        answered += a;
+        failures.extend(f);
+    }
+    (answered, failures)
+}
+
+/// 2. Kill: two workers, 48 callers that do not retry, one worker SIGKILLed mid-run: every
+/// request is answered (its jobs are redelivered to the survivor).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_mid_run_loses_nothing() {
+    let nats = NatsServer::start_jetstream();
+    let survivor = start_worker_async(&nats.url()).await;
+    let mut victim = start_worker_async(&nats.url()).await;
+    let client = jetstream_client(nats_connect(&nats.url()).await, LIMIT);
+    const CALLERS: usize = 48;
+    const EACH: usize = 4;
+    let running = callers(&client, CALLERS, EACH);
+    let victim_ref = &victim;
+    wait_until("the victim is busy", || async move {
+        worker_metric(victim_ref, "rerank_requests_total") >= 5.0
+    })
+    .await;
+    victim.signal("KILL");
+    let _ = victim.wait_exit(Duration::from_secs(10));
+    let (answered, failures) = collect(running).await;
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert_eq!(answered, CALLERS * EACH);
+    let redelivered = worker_metric(&survivor, "rerank_jobs_redelivered_total");
+    println!("kill: {answered} answered, {redelivered} redelivered to the survivor");
+}
+
+/// 3. Drain: SIGTERM under load, ten times: every job answered, exit 0 each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_under_load_loses_nothing_ten_times() {
+    let nats = NatsServer::start_jetstream();
+    let _steady = start_worker_async(&nats.url()).await;
+    let client = jetstream_client(nats_connect(&nats.url()).await, LIMIT);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = tokio::task::JoinSet::new();
+    for caller in 0..16 {
+        let (client, stop) = (client.clone(), stop.clone());
+        load.spawn(async move {
+            let (mut answered, mut failures) = (0usize, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match client.rerank(format!("q{caller}"), ["a", "b"]).await {
+                    Ok(r) if r.scores.len() == 2 => answered += 1,
+                    Ok(r) => failures.push(format!("{} scores", r.scores.len())),
+                    Err(e) => failures.push(e.to_string()),
+                }
+            }
+            (answered, failures)
+        });
+    }
+    for round in 0..10 {
+        let mut worker = start_worker_async(&nats.url()).await;
+        let w = &worker;
+        wait_until("the draining worker has work", || async move {
+            worker_metric(w, "rerank_requests_total") >= 3.0
+        })
+        .await;
+        worker.signal("TERM");
+        let code = tokio::task::spawn_blocking(move || worker.wait_exit(Duration::from_secs(30)))
+            .await
+            .expect("wait");
+        assert_eq!(code, Some(0), "round {round}: exit code");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (answered, failures) = collect(load).await;
+    assert!(
+        failures.is_empty(),
+        "{} lost: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(answered > 0);
+}
+
+/// 7. Server restart: jobs queued while no worker runs survive a nats-server restart on the same
+/// store, and a worker started afterwards answers callers that are still waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn queued_jobs_survive_a_server_restart() {
+    let mut nats = NatsServer::start_jetstream();
+    let raw = nats_connect(&nats.url()).await;
+    ensure_stream(&raw, &JobStream::default()).await;
+    let client = jetstream_client(raw.clone(), LIMIT);
+    let running = callers(&client, 5, 1);
+    let js = &jetstream::new(raw.clone());
+    wait_until(
+        "5 jobs queued",
+        || async move { stream_messages(js).await == 5 },
+    )
+    .await;
+    tokio::task::block_in_place(|| nats.restart());
+    let c = &client;
+    wait_until("the client reconnects", || async move { c.is_connected() }).await;
+    wait_until("the jobs are still there", || async move {
+        match js.get_stream(DEFAULT_STREAM).await {
+            Ok(mut s) => s
+                .info()
+                .await
+                .map(|i| i.state.messages == 5)
+                .unwrap_or(false),
+            Err(_) => false,
+        }
+    })
+    .await;
+    let _worker = start_worker_async(&nats.url()).await;
+    let (answered, failures) = collect(running).await;
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!(answered, 5);
+}
+
+/// A stream that exists with settings the job queue cannot use stops the worker with a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incompatible_stream_is_refused_at_start() {
+    let nats = NatsServer::start_jetstream();
+    let raw = nats_connect(&nats.url()).await;
+    let js = jetstream::new(raw);
+    js.create_stream(jetstream::stream::Config {
+        name: DEFAULT_STREAM.into(),
+        subjects: vec![DEFAULT_JOBS_SUBJECT.into()],
+        ..Default::default()
+    })
+    .await
+    .expect("limits stream");
+    let output = tokio::task::spawn_blocking({
+        let url = nats.url();
+        move || {
+            std::process::Command::new(common::rerank_bin())
+                .arg("worker")
+                .arg("--model")
+                .arg(common::tiny_model_dir())
+                .args(["--nats-url", &url, "--health-listen", "127.0.0.1:0"])
+                .args(JS_WORKER)
+                .env("RUST_LOG", "warn")
+                .output()
+                .expect("run worker")
+        }
+    })
+    .await
+    .expect("join");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("cannot serve as the job queue"), "{stderr}");
+}
