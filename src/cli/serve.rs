@@ -11,7 +11,9 @@ use anyhow::Context;
 use clap::Args;
 use tokio::sync::watch;
 
-use super::args::{EngineArgs, HttpArgs, LogArgs, ModelArgs, NatsArgs, WorkerRunArgs};
+use super::args::{
+    EngineArgs, HttpArgs, HttpTimeoutArgs, LogArgs, ModelArgs, NatsArgs, WorkerRunArgs,
+};
 use super::worker::run_worker;
 
 #[derive(Debug, Args)]
@@ -24,6 +26,9 @@ pub struct ServeArgs {
     pub nats: NatsArgs,
     #[command(flatten)]
     pub http: HttpArgs,
+    /// Apply to both the API and the worker's probe listener.
+    #[command(flatten)]
+    pub http_timeouts: HttpTimeoutArgs,
     #[command(flatten)]
     pub worker: WorkerRunArgs,
     #[command(flatten)]
@@ -39,7 +44,7 @@ fn stopped(rx: &watch::Receiver<bool>) -> impl Future<Output = ()> + Send + 'sta
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let sidecar_config = args.http.to_config(&args.nats)?;
+    let sidecar_config = args.http.to_config(&args.nats, &args.http_timeouts)?;
     let mut nats_server = start_nats_if_needed(&args.nats.nats_url).await?;
 
     let (tx, rx) = watch::channel(false);
@@ -56,6 +61,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         &args.engine,
         &args.nats,
         &args.worker,
+        &args.http_timeouts,
         stopped(&rx),
     );
     tokio::pin!(worker);

@@ -12,7 +12,7 @@ use crate::engine::EngineMetrics;
 use crate::probe::{self, ProbeState};
 use crate::worker::{self, WorkerConfig, WorkerMetrics};
 
-use super::args::{EngineArgs, LogArgs, ModelArgs, NatsArgs, WorkerRunArgs};
+use super::args::{EngineArgs, HttpTimeoutArgs, LogArgs, ModelArgs, NatsArgs, WorkerRunArgs};
 use super::load::start_engine;
 
 #[derive(Debug, Args)]
@@ -27,6 +27,9 @@ pub struct WorkerArgs {
     pub log: LogArgs,
     #[command(flatten)]
     pub worker: WorkerRunArgs,
+    /// Timeouts of the probe listener.
+    #[command(flatten)]
+    pub http_timeouts: HttpTimeoutArgs,
 }
 
 pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
@@ -35,6 +38,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         &args.engine,
         &args.nats,
         &args.worker,
+        &args.http_timeouts,
         crate::shutdown::signal(),
     )
     .await
@@ -46,8 +50,10 @@ pub async fn run_worker(
     engine: &EngineArgs,
     nats: &NatsArgs,
     options: &WorkerRunArgs,
+    http_timeouts: &HttpTimeoutArgs,
     stop: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let probe_timeouts = http_timeouts.to_timeouts()?;
     let registry = prometheus::Registry::new();
     let worker_metrics = WorkerMetrics::register(&registry)?;
     let engine_metrics = EngineMetrics::register(&registry)?;
@@ -58,11 +64,11 @@ pub async fn run_worker(
         .await
         .with_context(|| format!("cannot listen on {}", options.health_listen))?;
     tracing::info!(addr = %listener.local_addr()?, "probe listening");
-    let probe_router = probe::router(ProbeState {
+    let probe_state = ProbeState {
         ready: ready.clone(),
         registry,
-    });
-    let probe_server = tokio::spawn(async move { axum::serve(listener, probe_router).await });
+    };
+    let probe_server = tokio::spawn(probe::serve(listener, probe_state, probe_timeouts));
 
     let config = engine.to_config(!model.device.starts_with("cpu"))?;
     let (engine, info) = start_engine(model, config, engine_metrics).await?;

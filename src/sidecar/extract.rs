@@ -5,14 +5,11 @@
 //!   with the path of the offending field (`documents[2]: invalid type: integer...`). One status for
 //!   every "your body is wrong" keeps clients simple, and it is what Cohere, Jina and TEI answer.
 //! - The `Content-Type` is not checked: `curl -d '{...}'` (form content type) works as well.
-//! - A body over `--max-body-bytes` is **413 `payload_too_large`** (axum's `DefaultBodyLimit`).
+//! - A body over `--max-body-bytes` is **413 `payload_too_large`**, cut off as it passes the limit
+//!   (`crate::http_server` reads it; `Content-Length` over the limit was refused before reading).
 
-use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
-use axum::http::StatusCode;
 use serde::de::DeserializeOwned;
-
-use crate::wire::ErrorCode;
 
 use super::error::ApiError;
 
@@ -27,22 +24,8 @@ where
 {
     type Rejection = ApiError;
 
-    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(request, state)
-            .await
-            .map_err(|rejection| {
-                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    ApiError::new(
-                        ErrorCode::PayloadTooLarge,
-                        "the request body exceeds the sidecar's limit (--max-body-bytes)",
-                    )
-                } else {
-                    ApiError::invalid_request(format!(
-                        "cannot read the request body: {}",
-                        rejection.body_text()
-                    ))
-                }
-            })?;
+    async fn from_request(request: Request, _state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = crate::http_server::read_body(request.into_body()).await?;
         parse(&bytes).map(ApiJson)
     }
 }
@@ -68,6 +51,8 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::ErrorCode;
+    use axum::http::StatusCode;
 
     #[derive(serde::Deserialize, Debug)]
     #[allow(dead_code)]
