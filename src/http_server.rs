@@ -12,8 +12,8 @@
 //! - **Request body**: the whole body must arrive within [`Timeouts::body`] of its head.
 //! - **Body size**: a body is cut off ([`BodyError::TooLarge`]) as soon as it passes the limit; a
 //!   `Content-Length` over it is refused by [`admit`] before a byte of the body is read.
-//! - **Buffered bytes**: every body byte received counts against one [`BodyBudget`] per listener
-//!   until its request is answered. A new request whose body does not fit is refused at once by
+//! - **Buffered bytes**: every body byte received (plus its connection's read buffer) counts
+//!   against one [`BodyBudget`] per listener until its request is answered. A new request whose body does not fit is refused at once by
 //!   [`admit`], and a body that outgrows the room left is cut off ([`BodyError::OverBudget`], 503 +
 //!   `Retry-After`), instead of the process growing until it is killed.
 //!
@@ -68,6 +68,20 @@ const FALLBACK_OPEN_FILES: usize = 1024;
 /// Largest read buffer of a connection (hyper's default grows to ~400 KiB, which a few hundred
 /// uploads would turn into a hundred MiB outside the body budget). Also the largest request head.
 const READ_BUFFER_BYTES: usize = 64 * 1024;
+/// What a body costs the budget beyond its bytes: its connection's read buffer (up to 64 KiB),
+/// write buffer, task and bookkeeping.
+const BODY_OVERHEAD_BYTES: usize = 2 * READ_BUFFER_BYTES;
+
+/// The budget a body of `bytes` received bytes takes: half again its bytes for the allocator's
+/// fragmentation as uploads come and go (glibc keeps freed chunks per thread arena), plus the
+/// per-body overhead, so that the
+/// budget bounds the memory uploads really take, not only their payload (calibrated by
+/// `tests/slow_clients.rs`: 150 trickled uploads against a 64 MiB budget).
+fn budget_cost(bytes: usize) -> usize {
+    bytes
+        .saturating_add(bytes / 2)
+        .saturating_add(BODY_OVERHEAD_BYTES)
+}
 /// Smallest derived connection cap, for very low open-files limits.
 const MIN_CONNECTIONS: usize = 16;
 
@@ -250,26 +264,32 @@ pub fn admit(request: &Request) -> Result<(), BodyError> {
                     limit: admission.limit,
                 });
             }
-            if budget.used().saturating_add(length) > budget.capacity() {
+            if budget.used().saturating_add(budget_cost(length)) > budget.capacity() {
                 return Err(over_budget());
             }
             Ok(())
         }
-        None if budget.used() >= budget.capacity() => Err(over_budget()),
+        None if budget.used().saturating_add(budget_cost(0)) > budget.capacity() => {
+            Err(over_budget())
+        }
         None => Ok(()),
     }
 }
 
-/// Reads a whole body into memory, preallocating what it declared (the limit has been checked by
-/// then), and returns the [`BodyError`] that stopped it.
+/// Reads a whole body into memory and returns the [`BodyError`] that stopped it. A declared
+/// length (checked against the limit by then) is allocated once; a chunked body is kept as
+/// exact-size copies of its chunks until it is complete, so neither hyper's read buffers nor a
+/// doubling `Vec` hold more memory than the budget counts.
 pub async fn read_body(body: Body) -> Result<Bytes, BodyError> {
     use futures::StreamExt;
-    let declared = body.size_hint().lower();
-    let mut buffer = Vec::with_capacity(usize::try_from(declared).unwrap_or(0));
+    let declared = body.size_hint().exact();
     let mut stream = body.into_data_stream();
+    let mut whole = Vec::with_capacity(declared.map_or(0, |n| usize::try_from(n).unwrap_or(0)));
+    let mut chunks: Vec<Bytes> = Vec::new();
     while let Some(chunk) = stream.next().await {
         match chunk {
-            Ok(chunk) => buffer.extend_from_slice(&chunk),
+            Ok(chunk) if declared.is_some() => whole.extend_from_slice(&chunk),
+            Ok(chunk) => chunks.push(Bytes::copy_from_slice(&chunk)),
             Err(error) => {
                 let error = error.into_inner();
                 return Err(match error.downcast::<BodyError>() {
@@ -279,7 +299,13 @@ pub async fn read_body(body: Body) -> Result<Bytes, BodyError> {
             }
         }
     }
-    Ok(Bytes::from(buffer))
+    if declared.is_some() {
+        return Ok(Bytes::from(whole));
+    }
+    if chunks.len() == 1 {
+        return Ok(chunks.swap_remove(0));
+    }
+    Ok(Bytes::from(chunks.concat()))
 }
 
 /// A request body that enforces the limit, the budget and the body timeout as it is read.
@@ -322,7 +348,7 @@ impl http_body::Body for GuardedBody {
                         let limit = this.limit;
                         return this.fail(BodyError::TooLarge { limit });
                     }
-                    if !this.held.cover(total) {
+                    if !this.held.cover(budget_cost(total)) {
                         let budget = this.held.budget.capacity();
                         return this.fail(BodyError::OverBudget { budget });
                     }

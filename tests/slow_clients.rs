@@ -543,19 +543,20 @@ async fn past_the_budget_new_bodies_get_503_and_past_the_cap_connections_are_clo
     })
     .await
     .unwrap();
-    const BUDGET: usize = 1024 * 1024;
+    const BUDGET: usize = 2 * 1024 * 1024;
     const CAP: usize = 20;
     let sidecar = Sidecar::start_with(&nats.url(), |c| {
         c.body_budget_bytes = BUDGET;
-        c.max_body_bytes = Some(BUDGET);
+        c.max_body_bytes = Some(BUDGET / 2);
         c.max_connections = CAP;
     })
     .await;
 
-    // One upload sends 700 KB of an 800 KB body and stalls: those bytes are buffered.
+    // One upload sends 900 KB of a 1 MB body and stalls: those bytes are buffered (and cost
+    // the budget ~1.5 MB with their overhead).
     let mut holder = TcpStream::connect(sidecar.addr).await.expect("connect");
-    holder.write_all(&head("/rerank", Some(800_000), None)).await.unwrap();
-    holder.write_all(&vec![b' '; 700_000]).await.unwrap();
+    holder.write_all(&head("/rerank", Some(1_000_000), None)).await.unwrap();
+    holder.write_all(&vec![b' '; 900_000]).await.unwrap();
     // A body of 400 KB no longer fits: 503 + Retry-After at once, before a byte of it is sent.
     // (Until the server has read the holder's bytes it still fits: poll.)
     let start = Instant::now();
