@@ -59,28 +59,29 @@ pub const DEFAULT_BODY_BUDGET_BYTES: usize = 128 * 1024 * 1024;
 /// its connections in `rerank serve`, model files, logs) when the connection cap is derived from
 /// the open-files limit.
 pub const RESERVED_FDS: usize = 512;
-/// Ceiling of the derived connection cap: each connection costs about 10 KiB of memory (hyper's
-/// read buffer, the task), so a container's open-files limit of a million must not become a
-/// million connections.
-pub const MAX_DERIVED_CONNECTIONS: usize = 16_384;
+/// Ceiling of the derived connection cap: a connection costs about 25 KiB of memory (hyper's read
+/// buffer, the task, socket state; measured with 2,000 stuck connections), so a container's
+/// open-files limit of a million must not become a million connections: 8,192 of them take
+/// ~200 MiB, which fits the chart's 512 MiB beside the body budget.
+pub const MAX_DERIVED_CONNECTIONS: usize = 8_192;
 /// Open-files limit assumed where `/proc/self/limits` cannot be read.
 const FALLBACK_OPEN_FILES: usize = 1024;
 /// Largest read buffer of a connection (hyper's default grows to ~400 KiB, which a few hundred
 /// uploads would turn into a hundred MiB outside the body budget). Also the largest request head.
 const READ_BUFFER_BYTES: usize = 64 * 1024;
-/// What a body costs the budget beyond its bytes: its connection's read buffer (up to 64 KiB),
-/// write buffer, task and bookkeeping.
+/// Most a body costs the budget beyond its bytes: its connection's read buffer (which grows to
+/// 64 KiB only as a large body streams in), write buffer and bookkeeping.
 const BODY_OVERHEAD_BYTES: usize = 2 * READ_BUFFER_BYTES;
 
 /// The budget a body of `bytes` received bytes takes: half again its bytes for the allocator's
-/// fragmentation as uploads come and go (glibc keeps freed chunks per thread arena), plus the
-/// per-body overhead, so that the
-/// budget bounds the memory uploads really take, not only their payload (calibrated by
-/// `tests/slow_clients.rs`: 150 trickled uploads against a 64 MiB budget).
+/// fragmentation as uploads come and go (glibc keeps freed chunks per thread arena), plus as many
+/// bytes again, up to [`BODY_OVERHEAD_BYTES`], for the buffers it made grow. So the budget bounds
+/// the memory uploads really take, not only their payload, while a small body costs little
+/// (calibrated by `tests/slow_clients.rs`: 150 trickled uploads against a 64 MiB budget).
 fn budget_cost(bytes: usize) -> usize {
     bytes
         .saturating_add(bytes / 2)
-        .saturating_add(BODY_OVERHEAD_BYTES)
+        .saturating_add(bytes.min(BODY_OVERHEAD_BYTES))
 }
 /// Smallest derived connection cap, for very low open-files limits.
 const MIN_CONNECTIONS: usize = 16;
@@ -143,7 +144,9 @@ pub struct ServerLimits {
 pub enum BodyError {
     #[error("the request body exceeds the limit of {limit} bytes")]
     TooLarge { limit: usize },
-    #[error("the server is buffering its limit of {budget} bytes of request bodies; try again shortly")]
+    #[error(
+        "the server is buffering its limit of {budget} bytes of request bodies; try again shortly"
+    )]
     OverBudget { budget: usize },
     #[error("the request body did not arrive within {0:?}")]
     TimedOut(Duration),
@@ -188,7 +191,8 @@ impl BodyBudget {
     fn try_take(&self, bytes: usize) -> bool {
         self.used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                used.checked_add(bytes).filter(|&total| total <= self.capacity)
+                used.checked_add(bytes)
+                    .filter(|&total| total <= self.capacity)
             })
             .is_ok()
     }
@@ -269,9 +273,7 @@ pub fn admit(request: &Request) -> Result<(), BodyError> {
             }
             Ok(())
         }
-        None if budget.used().saturating_add(budget_cost(0)) > budget.capacity() => {
-            Err(over_budget())
-        }
+        None if budget.used() >= budget.capacity() => Err(over_budget()),
         None => Ok(()),
     }
 }
@@ -342,8 +344,8 @@ impl http_body::Body for GuardedBody {
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    let total = this.held.received.fetch_add(data.len(), Ordering::AcqRel)
-                        + data.len();
+                    let total =
+                        this.held.received.fetch_add(data.len(), Ordering::AcqRel) + data.len();
                     if total > this.limit {
                         let limit = this.limit;
                         return this.fail(BodyError::TooLarge { limit });
@@ -492,10 +494,7 @@ impl AsyncWrite for WatchedStream {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 

@@ -140,8 +140,8 @@ impl RawAnswer {
     }
 
     fn code(&self) -> String {
-        let body: serde_json::Value = serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"));
+        let body: serde_json::Value =
+            serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"));
         body["error"]["code"].as_str().unwrap_or("").to_string()
     }
 }
@@ -204,14 +204,23 @@ async fn answer_to_head(addr: SocketAddr, head: &[u8], what: &str) -> RawAnswer 
 
 /// A legitimate caller: POSTs the seed request until `done`, honouring 503 + Retry-After like a
 /// well-behaved client; returns (answered 200, 503 retries). Panics on any other answer.
-async fn legitimate_caller(url: String, token: Option<&'static str>, done: Arc<AtomicUsize>) -> (usize, usize) {
+async fn legitimate_caller(
+    url: String,
+    token: Option<&'static str>,
+    done: Arc<AtomicUsize>,
+) -> (usize, usize) {
     let (mut ok, mut retried) = (0, 0);
     while done.load(Ordering::SeqCst) == 0 || ok == 0 {
         let answer = post(&url, &seed_request(), token).await;
         match answer.status {
             200 => ok += 1,
             503 => {
-                assert_eq!(answer.header("retry-after").as_deref(), Some("1"), "{}", answer.text);
+                assert_eq!(
+                    answer.header("retry-after").as_deref(),
+                    Some("1"),
+                    "{}",
+                    answer.text
+                );
                 retried += 1;
                 assert!(retried < 100, "legitimate requests kept getting 503");
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -224,7 +233,11 @@ async fn legitimate_caller(url: String, token: Option<&'static str>, done: Arc<A
 
 /// Opens a connection, sends `prefix`, and waits for the server to close it; returns how long the
 /// connection lived after the prefix was sent.
-async fn stuck_connection(addr: SocketAddr, prefix: &'static [u8], closed: Arc<AtomicUsize>) -> Duration {
+async fn stuck_connection(
+    addr: SocketAddr,
+    prefix: &'static [u8],
+    closed: Arc<AtomicUsize>,
+) -> Duration {
     let mut stream = within(Duration::from_secs(30), "connect", TcpStream::connect(addr))
         .await
         .expect("connect");
@@ -270,14 +283,22 @@ async fn stuck_connections_are_closed_by_the_timeouts_while_requests_succeed() {
 
     let closed = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicUsize::new(0));
-    let caller = tokio::spawn(legitimate_caller(sidecar.url("/rerank"), None, done.clone()));
+    let caller = tokio::spawn(legitimate_caller(
+        sidecar.url("/rerank"),
+        None,
+        done.clone(),
+    ));
     let probe_caller = tokio::spawn({
         let (url, done) = (worker.probe_url("/live"), done.clone());
         async move {
             let mut ok = 0;
             while done.load(Ordering::SeqCst) == 0 || ok == 0 {
                 let answer = get(&url, None).await;
-                assert_eq!(answer.status, 200, "/live during the attack: {}", answer.text);
+                assert_eq!(
+                    answer.status, 200,
+                    "/live during the attack: {}",
+                    answer.text
+                );
                 ok += 1;
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -288,7 +309,12 @@ async fn stuck_connections_are_closed_by_the_timeouts_while_requests_succeed() {
     // Open the attack in batches, so the listen backlog is not what refuses them.
     let mut attack = Vec::new();
     let plan = [
-        (sidecar.addr(), HALF_HEAD, IN_HEADERS, Duration::from_secs(2)),
+        (
+            sidecar.addr(),
+            HALF_HEAD,
+            IN_HEADERS,
+            Duration::from_secs(2),
+        ),
         (sidecar.addr(), HALF_BODY, IN_BODY, Duration::from_secs(2)),
         (sidecar.addr(), &b""[..], IDLE, Duration::from_secs(3)),
         (probe, PROBE_HALF_HEAD, ON_PROBE, Duration::from_secs(2)),
@@ -332,7 +358,10 @@ async fn stuck_connections_are_closed_by_the_timeouts_while_requests_succeed() {
     let probes = within(Duration::from_secs(60), "probe caller", probe_caller)
         .await
         .unwrap();
-    assert_eq!(retried, 0, "no body is buffered, so no request waits for the budget");
+    assert_eq!(
+        retried, 0,
+        "no body is buffered, so no request waits for the budget"
+    );
     // Still serving afterwards.
     let answer = post(&sidecar.url("/rerank"), &seed_request(), None).await;
     assert_eq!(answer.status, 200, "{}", answer.text);
@@ -389,9 +418,16 @@ async fn trickle(addr: SocketAddr, outcomes: Arc<Mutex<Trickles>>) {
     assert!(sent < TOTAL, "a trickled 8 MB body was read to its end");
     let answer = if answered {
         let mut rest = Vec::new();
-        let _ = within(Duration::from_secs(30), "rest of the answer", reader.read_to_end(&mut rest)).await;
+        let _ = within(
+            Duration::from_secs(30),
+            "rest of the answer",
+            reader.read_to_end(&mut rest),
+        )
+        .await;
         let text = format!("{}{}", first[0] as char, String::from_utf8_lossy(&rest));
-        text.split_whitespace().nth(1).and_then(|s| s.parse::<u16>().ok())
+        text.split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse::<u16>().ok())
     } else {
         None
     };
@@ -421,7 +457,12 @@ async fn trickled_bodies_stay_within_the_buffered_bytes_budget() {
     let budget = BUDGET.to_string();
     let sidecar = SidecarProcess::start(
         &nats.url(),
-        &["--http-body-budget-bytes", &budget, "--http-body-timeout", "30"],
+        &[
+            "--http-body-budget-bytes",
+            &budget,
+            "--http-body-timeout",
+            "30",
+        ],
     );
     // Warm: the baseline includes what serving a request allocates anyway.
     for _ in 0..20 {
@@ -431,7 +472,11 @@ async fn trickled_bodies_stay_within_the_buffered_bytes_budget() {
     let baseline = sidecar.rss_kib();
 
     let done = Arc::new(AtomicUsize::new(0));
-    let caller = tokio::spawn(legitimate_caller(sidecar.url("/rerank"), None, done.clone()));
+    let caller = tokio::spawn(legitimate_caller(
+        sidecar.url("/rerank"),
+        None,
+        done.clone(),
+    ));
     let outcomes = Arc::new(Mutex::new(Trickles::default()));
     let uploads: Vec<_> = (0..UPLOADS)
         .map(|_| tokio::spawn(trickle(sidecar.addr(), outcomes.clone())))
@@ -491,24 +536,50 @@ async fn bodies_are_judged_before_they_are_read() {
     assert_eq!(locked.state.max_body_bytes(), limit);
 
     // A Content-Length over the limit: 413 without a byte of the body.
-    let answer = answer_to_head(locked.addr, &head("/rerank", Some(100_000_000), Some(TOKEN)), "413").await;
-    assert_eq!((answer.status, answer.code().as_str()), (413, "payload_too_large"), "{answer:?}");
+    let answer = answer_to_head(
+        locked.addr,
+        &head("/rerank", Some(100_000_000), Some(TOKEN)),
+        "413",
+    )
+    .await;
+    assert_eq!(
+        (answer.status, answer.code().as_str()),
+        (413, "payload_too_large"),
+        "{answer:?}"
+    );
     assert!(answer.body.contains("max-body-bytes"), "{answer:?}");
-    let answer = answer_to_head(locked.addr, &head("/v1/rerank", Some(limit + 1), Some(TOKEN)), "limit + 1").await;
+    let answer = answer_to_head(
+        locked.addr,
+        &head("/v1/rerank", Some(limit + 1), Some(TOKEN)),
+        "limit + 1",
+    )
+    .await;
     assert_eq!(answer.status, 413, "{answer:?}");
 
     // Authentication first: no token is 401 before the body, even when the body is too large.
     for length in [1_000, limit + 1, 100_000_000] {
         let answer = answer_to_head(locked.addr, &head("/rerank", Some(length), None), "401").await;
-        assert_eq!((answer.status, answer.code().as_str()), (401, "unauthorized"), "{length}: {answer:?}");
+        assert_eq!(
+            (answer.status, answer.code().as_str()),
+            (401, "unauthorized"),
+            "{length}: {answer:?}"
+        );
     }
-    let answer = answer_to_head(locked.addr, &head("/rerank", None, Some("wrong")), "401 chunked").await;
+    let answer = answer_to_head(
+        locked.addr,
+        &head("/rerank", None, Some("wrong")),
+        "401 chunked",
+    )
+    .await;
     assert_eq!(answer.status, 401, "{answer:?}");
 
     // A chunked body is cut off as it passes the limit: the answer comes with no byte more.
     let answer = within(Duration::from_secs(60), "chunked over the limit", async {
         let mut stream = TcpStream::connect(locked.addr).await.expect("connect");
-        stream.write_all(&head("/rerank", None, Some(TOKEN))).await.expect("head");
+        stream
+            .write_all(&head("/rerank", None, Some(TOKEN)))
+            .await
+            .expect("head");
         let chunk_len = 64 * 1024;
         let mut chunk = format!("{chunk_len:x}\r\n").into_bytes();
         chunk.extend(std::iter::repeat_n(b'x', chunk_len));
@@ -522,7 +593,11 @@ async fn bodies_are_judged_before_they_are_read() {
         read_answer(&mut stream).await.expect("an answer")
     })
     .await;
-    assert_eq!((answer.status, answer.code().as_str()), (413, "payload_too_large"), "{answer:?}");
+    assert_eq!(
+        (answer.status, answer.code().as_str()),
+        (413, "payload_too_large"),
+        "{answer:?}"
+    );
 
     // The probe takes no bodies: refused unread too.
     let probe = SocketAddr::from(([127, 0, 0, 1], worker.health_port));
@@ -555,22 +630,44 @@ async fn past_the_budget_new_bodies_get_503_and_past_the_cap_connections_are_clo
     // One upload sends 900 KB of a 1 MB body and stalls: those bytes are buffered (and cost
     // the budget ~1.5 MB with their overhead).
     let mut holder = TcpStream::connect(sidecar.addr).await.expect("connect");
-    holder.write_all(&head("/rerank", Some(1_000_000), None)).await.unwrap();
+    holder
+        .write_all(&head("/rerank", Some(1_000_000), None))
+        .await
+        .unwrap();
     holder.write_all(&vec![b' '; 900_000]).await.unwrap();
     // A body of 400 KB no longer fits: 503 + Retry-After at once, before a byte of it is sent.
     // (Until the server has read the holder's bytes it still fits: poll.)
     let start = Instant::now();
     let refused = loop {
-        assert!(start.elapsed() < Duration::from_secs(30), "no 503 within 30 s");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no 503 within 30 s"
+        );
         let mut stream = TcpStream::connect(sidecar.addr).await.expect("connect");
-        stream.write_all(&head("/rerank", Some(400_000), None)).await.unwrap();
-        if let Ok(Some(answer)) = tokio::time::timeout(Duration::from_millis(500), read_answer(&mut stream)).await {
+        stream
+            .write_all(&head("/rerank", Some(400_000), None))
+            .await
+            .unwrap();
+        if let Ok(Some(answer)) =
+            tokio::time::timeout(Duration::from_millis(500), read_answer(&mut stream)).await
+        {
             break answer;
         }
     };
-    assert_eq!((refused.status, refused.code().as_str()), (503, "unavailable"), "{refused:?}");
-    assert_eq!(refused.header("retry-after").as_deref(), Some("1"), "{refused:?}");
-    assert!(refused.body.contains("http-body-budget-bytes"), "{refused:?}");
+    assert_eq!(
+        (refused.status, refused.code().as_str()),
+        (503, "unavailable"),
+        "{refused:?}"
+    );
+    assert_eq!(
+        refused.header("retry-after").as_deref(),
+        Some("1"),
+        "{refused:?}"
+    );
+    assert!(
+        refused.body.contains("http-body-budget-bytes"),
+        "{refused:?}"
+    );
     // A small request still fits beside it.
     let answer = post(&sidecar.url("/rerank"), &seed_request(), None).await;
     assert_eq!(answer.status, 200, "{}", answer.text);
@@ -579,10 +676,19 @@ async fn past_the_budget_new_bodies_get_503_and_past_the_cap_connections_are_clo
     drop(holder);
     let start = Instant::now();
     loop {
-        assert!(start.elapsed() < Duration::from_secs(30), "budget not given back within 30 s");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "budget not given back within 30 s"
+        );
         let mut stream = TcpStream::connect(sidecar.addr).await.expect("connect");
-        stream.write_all(&head("/rerank", Some(400_000), None)).await.unwrap();
-        if tokio::time::timeout(Duration::from_millis(500), read_answer(&mut stream)).await.is_err() {
+        stream
+            .write_all(&head("/rerank", Some(400_000), None))
+            .await
+            .unwrap();
+        if tokio::time::timeout(Duration::from_millis(500), read_answer(&mut stream))
+            .await
+            .is_err()
+        {
             break;
         }
     }
@@ -594,7 +700,10 @@ async fn past_the_budget_new_bodies_get_503_and_past_the_cap_connections_are_clo
     }
     let start = Instant::now();
     loop {
-        assert!(start.elapsed() < Duration::from_secs(30), "no connection refused at the cap");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no connection refused at the cap"
+        );
         let mut extra = TcpStream::connect(sidecar.addr).await.expect("connect");
         let mut buffer = [0u8; 16];
         // Closed by the server without an answer (an earlier connection may still be in the
@@ -608,7 +717,10 @@ async fn past_the_budget_new_bodies_get_503_and_past_the_cap_connections_are_clo
     held.clear();
     let start = Instant::now();
     loop {
-        assert!(start.elapsed() < Duration::from_secs(30), "no connection served after the cap freed");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no connection served after the cap freed"
+        );
         if let Ok(answer) = http().get(sidecar.url("/live")).send().await {
             assert_eq!(answer.status().as_u16(), 200);
             break;

@@ -228,7 +228,9 @@ pub struct HttpTimeoutArgs {
 impl HttpTimeoutArgs {
     pub fn to_timeouts(&self) -> anyhow::Result<http_server::Timeouts> {
         anyhow::ensure!(
-            self.http_header_timeout > 0 && self.http_body_timeout > 0 && self.http_idle_timeout > 0,
+            self.http_header_timeout > 0
+                && self.http_body_timeout > 0
+                && self.http_idle_timeout > 0,
             "--http-header-timeout, --http-body-timeout and --http-idle-timeout must be positive"
         );
         Ok(http_server::Timeouts {

@@ -120,7 +120,9 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     let baseline = hold_load(&args, &client, &requests).await;
     let attack = attack::Attack::start(target, kind, args.attack_connections);
     // Let the attack reach its strength before measuring under it.
-    attack.wait_opened(args.attack_connections, Duration::from_secs(30)).await;
+    attack
+        .wait_opened(args.attack_connections, Duration::from_secs(30))
+        .await;
     let attacked = hold_load(&args, &client, &requests).await;
     let attack_report = attack.stop().await;
     let ratio = attacked.requests_per_s / baseline.requests_per_s.max(1e-9);
@@ -180,7 +182,8 @@ async fn hold_load(
         });
     }
     let deadline = started + Duration::from_secs(args.duration);
-    let mut peak_rss: Vec<(u32, Option<u64>)> = args.watch_pids.iter().map(|&p| (p, None)).collect();
+    let mut peak_rss: Vec<(u32, Option<u64>)> =
+        args.watch_pids.iter().map(|&p| (p, None)).collect();
     let report = |peak_rss: &mut Vec<(u32, Option<u64>)>| {
         let rss: Vec<(u32, Option<u64>)> =
             args.watch_pids.iter().map(|&p| (p, rss_kib(p))).collect();
