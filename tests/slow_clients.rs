@@ -372,7 +372,7 @@ async fn stuck_connections_are_closed_by_the_timeouts_while_requests_succeed() {
 }
 
 /// How a trickled upload ended.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Trickles {
     too_large: usize,
     over_budget: usize,
@@ -500,7 +500,7 @@ async fn trickled_bodies_stay_within_the_buffered_bytes_budget() {
         .await
         .unwrap();
     let increase = (peak - baseline) * 1024;
-    let outcomes = outcomes.lock().unwrap();
+    let outcomes = outcomes.lock().unwrap().clone();
     println!(
         "trickle: {UPLOADS} uploads of 8 MB: {} cut at the body limit (413), {} refused over the budget (503), {} closed mid-send; most sent {:.1} MiB; sidecar RSS {:.0} MiB -> peak {:.0} MiB (+{:.0} MiB, budget {} MiB); {ok} legitimate requests answered 200 ({retried} retried after 503)",
         outcomes.too_large,
