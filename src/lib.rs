@@ -10,6 +10,8 @@
 //! - [`wire`]: MessagePack v1 message types and error codes; serde only.
 //! - [`telemetry`]: tracing/OpenTelemetry setup, trace-context propagation, metric names.
 //! - [`probe`]: the worker's `/live`, `/ready`, `/metrics` listener.
+//! - [`http_server`]: the hardened HTTP/1.1 accept loop (timeouts, connection cap, body limits
+//!   and budget) under both the sidecar and the probe.
 #![warn(clippy::unwrap_used, clippy::expect_used)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
@@ -17,6 +19,7 @@ pub mod cli;
 pub mod client;
 pub mod engine;
 pub mod jobs;
+pub mod http_server;
 pub mod model;
 pub mod nats;
 pub mod probe;

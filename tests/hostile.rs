@@ -1120,8 +1120,13 @@ async fn hostile_inputs_get_typed_errors_and_the_service_stays_healthy() {
     })
     .await
     .unwrap();
-    let open = Sidecar::start(&nats.url()).await;
-    let locked = Sidecar::start_with(&nats.url(), |c| c.api_key = Some(TOKEN.into())).await;
+    // The NATS payloads are large, so the HTTP body limit is set rather than derived from them.
+    let open = Sidecar::start_with(&nats.url(), |c| c.max_body_bytes = Some(8 << 20)).await;
+    let locked = Sidecar::start_with(&nats.url(), |c| {
+        c.api_key = Some(TOKEN.into());
+        c.max_body_bytes = Some(8 << 20);
+    })
+    .await;
     let client = nats_connect(&nats.url()).await;
 
     // NATS: raw bytes to the worker.

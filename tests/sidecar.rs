@@ -619,7 +619,7 @@ async fn bearer_auth_on_and_off() {
 async fn oversized_bodies_and_requests_over_max_payload_get_413() {
     let nats = NatsServer::start_with_config("max_payload: 32KB\n");
     let sidecar = Sidecar::start_with(&nats.url(), |c| {
-        c.max_body_bytes = 64 * 1024;
+        c.max_body_bytes = Some(64 * 1024);
         c.request_timeout = Duration::from_millis(300);
     })
     .await;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, ValueEnum};
 
 use crate::engine::EngineConfig;
+use crate::http_server;
 use crate::model::{ChunkPolicy, Truncation, DEFAULT_MODEL_ID};
 
 /// Which model to load and how to run it.
@@ -216,6 +217,37 @@ pub struct WorkerRunArgs {
     pub log_text: bool,
 }
 
+/// Timeouts of the HTTP listeners (the sidecar's API and the worker's probe), in seconds. Each
+/// must let a slow mobile client through while dropping an attacker who holds sockets open.
+#[derive(Debug, Clone, Args)]
+pub struct HttpTimeoutArgs {
+    /// Seconds a client has to send a whole request head once its first byte arrived.
+    #[arg(long, env = "RERANK_HTTP_HEADER_TIMEOUT", default_value_t = http_server::DEFAULT_HEADER_TIMEOUT.as_secs())]
+    pub http_header_timeout: u64,
+    /// Seconds a client has to send a whole request body once its head arrived (408 after).
+    #[arg(long, env = "RERANK_HTTP_BODY_TIMEOUT", default_value_t = http_server::DEFAULT_BODY_TIMEOUT.as_secs())]
+    pub http_body_timeout: u64,
+    /// Seconds a kept-alive connection may wait for its next request before it is closed.
+    #[arg(long, env = "RERANK_HTTP_IDLE_TIMEOUT", default_value_t = http_server::DEFAULT_IDLE_TIMEOUT.as_secs())]
+    pub http_idle_timeout: u64,
+}
+
+impl HttpTimeoutArgs {
+    pub fn to_timeouts(&self) -> anyhow::Result<http_server::Timeouts> {
+        anyhow::ensure!(
+            self.http_header_timeout > 0
+                && self.http_body_timeout > 0
+                && self.http_idle_timeout > 0,
+            "--http-header-timeout, --http-body-timeout and --http-idle-timeout must be positive"
+        );
+        Ok(http_server::Timeouts {
+            header: std::time::Duration::from_secs(self.http_header_timeout),
+            body: std::time::Duration::from_secs(self.http_body_timeout),
+            idle: std::time::Duration::from_secs(self.http_idle_timeout),
+        })
+    }
+}
+
 /// The sidecar's HTTP listener.
 #[derive(Clone, Args)]
 pub struct HttpArgs {
@@ -226,10 +258,19 @@ pub struct HttpArgs {
     /// workers drop work nobody waits for. Keep it below your HTTP caller's own timeout.
     #[arg(long, env = "RERANK_REQUEST_TIMEOUT", default_value_t = 60)]
     pub request_timeout: u64,
-    /// Largest request body in bytes (413 beyond). Requests must also fit the NATS server's
-    /// max_payload (1 MiB by default), which is checked before sending.
-    #[arg(long, env = "RERANK_MAX_BODY_BYTES", default_value_t = 8 * 1024 * 1024)]
-    pub max_body_bytes: usize,
+    /// Largest request body in bytes (413 beyond, before reading when Content-Length says so).
+    /// Default: twice the NATS server's max_payload (learned at connect; 1 MiB by default) plus
+    /// 64 KiB, the most JSON that can still fit max_payload as MessagePack.
+    #[arg(long, env = "RERANK_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Client connections served at once; past it new connections are closed at once.
+    /// Default: the open-files limit (ulimit -n) less 256 descriptors for everything else.
+    #[arg(long, env = "RERANK_HTTP_MAX_CONNECTIONS")]
+    pub http_max_connections: Option<usize>,
+    /// Request-body bytes buffered at once across all connections; past it new requests get
+    /// 503 with Retry-After instead of growing the process until it is killed.
+    #[arg(long, env = "RERANK_HTTP_BODY_BUDGET_BYTES", default_value_t = http_server::DEFAULT_BODY_BUDGET_BYTES)]
+    pub http_body_budget_bytes: usize,
     /// Bearer token required on every route but /live and /ready (none: open).
     #[arg(long, env = "RERANK_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -241,24 +282,46 @@ impl std::fmt::Debug for HttpArgs {
             .field("listen", &self.listen)
             .field("request_timeout", &self.request_timeout)
             .field("max_body_bytes", &self.max_body_bytes)
+            .field("http_max_connections", &self.http_max_connections)
+            .field("http_body_budget_bytes", &self.http_body_budget_bytes)
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
             .finish()
     }
 }
 
 impl HttpArgs {
-    pub fn to_config(&self, nats: &NatsArgs) -> anyhow::Result<crate::sidecar::SidecarConfig> {
+    pub fn to_config(
+        &self,
+        nats: &NatsArgs,
+        timeouts: &HttpTimeoutArgs,
+    ) -> anyhow::Result<crate::sidecar::SidecarConfig> {
         anyhow::ensure!(
             self.request_timeout > 0,
             "--request-timeout must be positive"
         );
-        anyhow::ensure!(self.max_body_bytes > 0, "--max-body-bytes must be positive");
+        anyhow::ensure!(
+            self.max_body_bytes != Some(0),
+            "--max-body-bytes must be positive"
+        );
+        anyhow::ensure!(
+            self.http_max_connections != Some(0),
+            "--http-max-connections must be positive"
+        );
+        anyhow::ensure!(
+            self.http_body_budget_bytes >= self.max_body_bytes.unwrap_or(0),
+            "--http-body-budget-bytes must hold at least one body of --max-body-bytes"
+        );
         Ok(crate::sidecar::SidecarConfig {
             listen: self.listen,
             nats: nats.to_config(&format!("rerank-sidecar-{}", std::process::id())),
             subject: nats.subject.clone(),
             request_timeout: std::time::Duration::from_secs(self.request_timeout),
             max_body_bytes: self.max_body_bytes,
+            timeouts: timeouts.to_timeouts()?,
+            max_connections: self
+                .http_max_connections
+                .unwrap_or_else(http_server::default_max_connections),
+            body_budget_bytes: self.http_body_budget_bytes,
             api_key: self.api_key.clone().filter(|k| !k.is_empty()),
             ..crate::sidecar::SidecarConfig::default()
         })

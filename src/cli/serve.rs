@@ -13,7 +13,8 @@ use clap::Args;
 use tokio::sync::watch;
 
 use super::args::{
-    EngineArgs, HttpArgs, IntakeArgs, IntakeKind, LogArgs, ModelArgs, NatsArgs, WorkerRunArgs,
+    EngineArgs, HttpArgs, HttpTimeoutArgs, IntakeArgs, IntakeKind, LogArgs, ModelArgs, NatsArgs,
+    WorkerRunArgs,
 };
 use super::worker::run_worker;
 
@@ -27,6 +28,9 @@ pub struct ServeArgs {
     pub nats: NatsArgs,
     #[command(flatten)]
     pub http: HttpArgs,
+    /// Apply to both the API and the worker's probe listener.
+    #[command(flatten)]
+    pub http_timeouts: HttpTimeoutArgs,
     #[command(flatten)]
     pub worker: WorkerRunArgs,
     /// `--intake jetstream` also sends the sidecar's requests as JetStream jobs.
@@ -45,7 +49,7 @@ fn stopped(rx: &watch::Receiver<bool>) -> impl Future<Output = ()> + Send + 'sta
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let mut sidecar_config = args.http.to_config(&args.nats)?;
+    let mut sidecar_config = args.http.to_config(&args.nats, &args.http_timeouts)?;
     let jetstream = args.intake.intake == IntakeKind::Jetstream;
     if jetstream {
         sidecar_config.jetstream = Some(args.intake.jobs.to_stream());
@@ -67,6 +71,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         &args.nats,
         &args.worker,
         &args.intake,
+        &args.http_timeouts,
         stopped(&rx),
     );
     tokio::pin!(worker);

@@ -2,12 +2,14 @@
 
 use clap::Args;
 
-use super::args::{HttpArgs, IntakeKind, JobStreamArgs, LogArgs, NatsArgs};
+use super::args::{HttpArgs, HttpTimeoutArgs, IntakeKind, JobStreamArgs, LogArgs, NatsArgs};
 
 #[derive(Debug, Args)]
 pub struct SidecarArgs {
     #[command(flatten)]
     pub http: HttpArgs,
+    #[command(flatten)]
+    pub http_timeouts: HttpTimeoutArgs,
     #[command(flatten)]
     pub nats: NatsArgs,
     #[command(flatten)]
@@ -21,7 +23,7 @@ pub struct SidecarArgs {
 }
 
 pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
-    let mut config = args.http.to_config(&args.nats)?;
+    let mut config = args.http.to_config(&args.nats, &args.http_timeouts)?;
     if args.transport == IntakeKind::Jetstream {
         config.jetstream = Some(args.jobs.to_stream());
     }

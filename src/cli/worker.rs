@@ -12,7 +12,9 @@ use crate::engine::EngineMetrics;
 use crate::probe::{self, ProbeState};
 use crate::worker::{self, WorkerConfig, WorkerMetrics};
 
-use super::args::{EngineArgs, IntakeArgs, LogArgs, ModelArgs, NatsArgs, WorkerRunArgs};
+use super::args::{
+    EngineArgs, HttpTimeoutArgs, IntakeArgs, LogArgs, ModelArgs, NatsArgs, WorkerRunArgs,
+};
 use super::load::start_engine;
 
 #[derive(Debug, Args)]
@@ -29,6 +31,9 @@ pub struct WorkerArgs {
     pub worker: WorkerRunArgs,
     #[command(flatten)]
     pub intake: IntakeArgs,
+    /// Timeouts of the probe listener.
+    #[command(flatten)]
+    pub http_timeouts: HttpTimeoutArgs,
 }
 
 pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
@@ -38,6 +43,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         &args.nats,
         &args.worker,
         &args.intake,
+        &args.http_timeouts,
         crate::shutdown::signal(),
     )
     .await
@@ -50,8 +56,10 @@ pub async fn run_worker(
     nats: &NatsArgs,
     options: &WorkerRunArgs,
     intake: &IntakeArgs,
+    http_timeouts: &HttpTimeoutArgs,
     stop: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let probe_timeouts = http_timeouts.to_timeouts()?;
     let registry = prometheus::Registry::new();
     let worker_metrics = WorkerMetrics::register(&registry)?;
     let engine_metrics = EngineMetrics::register(&registry)?;
@@ -62,11 +70,11 @@ pub async fn run_worker(
         .await
         .with_context(|| format!("cannot listen on {}", options.health_listen))?;
     tracing::info!(addr = %listener.local_addr()?, "probe listening");
-    let probe_router = probe::router(ProbeState {
+    let probe_state = ProbeState {
         ready: ready.clone(),
         registry,
-    });
-    let probe_server = tokio::spawn(async move { axum::serve(listener, probe_router).await });
+    };
+    let probe_server = tokio::spawn(probe::serve(listener, probe_state, probe_timeouts));
 
     let intake = intake.to_intake(&options.queue_group)?;
     let config = engine.to_config(!model.device.starts_with("cpu"))?;

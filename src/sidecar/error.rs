@@ -3,14 +3,14 @@
 //!
 //! | code | status | notes |
 //! |---|---|---|
-//! | `invalid_request` | 400 | malformed JSON, wrong types, missing fields (also 405 for a wrong method) |
+//! | `invalid_request` | 400 | malformed JSON, wrong types, missing fields (also 405 for a wrong method, 408 for a body slower than `--http-body-timeout`) |
 //! | `too_many_documents` | 400 | the worker's `--max-documents` |
 //! | `document_too_long` | 400 | `truncate: NONE` and a pair over `max_length` |
-//! | `payload_too_large` | 413 | body over `--max-body-bytes`, or the request over NATS `max_payload` |
+//! | `payload_too_large` | 413 | body over `--max-body-bytes` (refused before reading when `Content-Length` says so), or the request over NATS `max_payload` |
 //! | `overloaded` | 429 | the worker's queue is full; `Retry-After: 1` |
 //! | `deadline_exceeded` | 504 | the worker saw the deadline pass |
 //! | `model_error` | 500 | the model failed (502 when a worker's reply cannot be decoded) |
-//! | `unavailable` | 503 | no worker (NATS no responders) or NATS is down; `Retry-After: 1` |
+//! | `unavailable` | 503 | no worker (NATS no responders), NATS is down, or the sidecar buffers `--http-body-budget-bytes` of bodies already; `Retry-After: 1` |
 //! | `timeout` | 504 | no reply within `--request-timeout` |
 //! | `unauthorized` | 401 | `RERANK_API_KEY` is set and the bearer token is missing or wrong |
 //! | `not_found` | 404 | unknown route |
@@ -20,6 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use crate::client::{RerankError, RerankErrorKind};
+use crate::http_server::BodyError;
 use crate::wire::{ErrorCode, ErrorReply};
 
 /// Seconds a client should wait before trying again after `overloaded` or `unavailable`.
@@ -112,6 +113,35 @@ impl From<RerankError> for ApiError {
             };
         }
         api
+    }
+}
+
+impl From<BodyError> for ApiError {
+    fn from(error: BodyError) -> Self {
+        let api = ApiError::new(error.code(), error.to_string());
+        match error {
+            BodyError::TooLarge { limit } => ApiError {
+                message: format!(
+                    "the request body exceeds the sidecar's limit of {limit} bytes (--max-body-bytes; by default twice the NATS server's max_payload plus 64 KiB)"
+                ),
+                ..api
+            },
+            BodyError::OverBudget { budget } => ApiError {
+                message: format!(
+                    "the sidecar is buffering its limit of {budget} bytes of request bodies (--http-body-budget-bytes); try again shortly"
+                ),
+                ..api
+            },
+            BodyError::TimedOut(after) => ApiError {
+                status: StatusCode::REQUEST_TIMEOUT,
+                message: format!(
+                    "the request body did not arrive within {} s (--http-body-timeout)",
+                    after.as_secs_f64()
+                ),
+                ..api
+            },
+            BodyError::Read(_) => api,
+        }
     }
 }
 

@@ -8,14 +8,11 @@
 //! - A body is a JSON object. Unknown fields are ignored, but the routes flatten their length
 //!   options into the body, so serde keeps unknown fields until the end of the object: nesting past
 //!   serde_json's limit (128) is refused there as anywhere else.
-//! - A body over `--max-body-bytes` is **413 `payload_too_large`** (axum's `DefaultBodyLimit`).
+//! - A body over `--max-body-bytes` is **413 `payload_too_large`**, cut off as it passes the limit
+//!   (`crate::http_server` reads it; `Content-Length` over the limit was refused before reading).
 
-use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
-use axum::http::StatusCode;
 use serde::de::DeserializeOwned;
-
-use crate::wire::ErrorCode;
 
 use super::error::ApiError;
 
@@ -30,22 +27,8 @@ where
 {
     type Rejection = ApiError;
 
-    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(request, state)
-            .await
-            .map_err(|rejection| {
-                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    ApiError::new(
-                        ErrorCode::PayloadTooLarge,
-                        "the request body exceeds the sidecar's limit (--max-body-bytes)",
-                    )
-                } else {
-                    ApiError::invalid_request(format!(
-                        "cannot read the request body: {}",
-                        rejection.body_text()
-                    ))
-                }
-            })?;
+    async fn from_request(request: Request, _state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = crate::http_server::read_body(request.into_body()).await?;
         parse(&bytes).map(ApiJson)
     }
 }
@@ -71,6 +54,8 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::ErrorCode;
+    use axum::http::StatusCode;
 
     #[derive(serde::Deserialize, Debug)]
     #[allow(dead_code)]

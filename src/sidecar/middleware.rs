@@ -1,4 +1,5 @@
-//! Request middleware: the `sidecar.request` span with metrics (outermost) and bearer auth.
+//! Request middleware: the `sidecar.request` span with metrics (outermost), bearer auth, then
+//! body admission (size and budget, before a byte of the body is read).
 
 use std::time::Instant;
 
@@ -118,5 +119,13 @@ pub async fn authorize(State(state): State<AppState>, request: Request, next: Ne
             "missing `Authorization: Bearer <token>` (RERANK_API_KEY is set on this sidecar)",
         )
         .into_response(),
+    }
+}
+
+/// Refuses a body over the limit or the buffered-bytes budget before reading it (inside auth).
+pub async fn admit_body(request: Request, next: Next) -> Response {
+    match crate::http_server::admit(&request) {
+        Ok(()) => next.run(request).await,
+        Err(refusal) => ApiError::from(refusal).into_response(),
     }
 }

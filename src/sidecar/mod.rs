@@ -29,6 +29,7 @@ use axum::Router;
 
 use crate::client::{BuildError, RerankClient};
 use crate::jobs::{JobQueueError, JobStream};
+use crate::http_server::{self, BodyLimit, ServerLimits, Timeouts};
 use crate::nats::{NatsConfig, NatsConnectError};
 
 pub use error::ApiError;
@@ -46,8 +47,14 @@ pub struct SidecarConfig {
     pub jetstream: Option<JobStream>,
     /// Per-request NATS timeout, also the deadline the workers see.
     pub request_timeout: Duration,
-    /// Largest accepted HTTP body.
-    pub max_body_bytes: usize,
+    /// Largest accepted HTTP body; `None`: [`body_limit_for`] the NATS server's `max_payload`.
+    pub max_body_bytes: Option<usize>,
+    /// Header, body and idle keep-alive timeouts of client connections.
+    pub timeouts: Timeouts,
+    /// Client connections served at once; past it new ones are closed at once.
+    pub max_connections: usize,
+    /// Request-body bytes buffered at once across all connections; past it, 503.
+    pub body_budget_bytes: usize,
     /// Bearer token required on every route but `/live` and `/ready`.
     pub api_key: Option<String>,
     /// How long `/health` listens for workers' discovery replies.
@@ -64,7 +71,10 @@ impl Default for SidecarConfig {
             subject: crate::wire::SUBJECT_V1.to_string(),
             jetstream: None,
             request_timeout: Duration::from_secs(60),
-            max_body_bytes: 8 * 1024 * 1024,
+            max_body_bytes: None,
+            timeouts: Timeouts::default(),
+            max_connections: http_server::default_max_connections(),
+            body_budget_bytes: http_server::DEFAULT_BODY_BUDGET_BYTES,
             api_key: None,
             health_wait: Duration::from_millis(250),
             no_responders_backoff: Duration::from_millis(200),
@@ -82,6 +92,9 @@ impl std::fmt::Debug for SidecarConfig {
             .field("jetstream", &self.jetstream)
             .field("request_timeout", &self.request_timeout)
             .field("max_body_bytes", &self.max_body_bytes)
+            .field("timeouts", &self.timeouts)
+            .field("max_connections", &self.max_connections)
+            .field("body_budget_bytes", &self.body_budget_bytes)
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
             .field("health_wait", &self.health_wait)
             .finish()
@@ -114,7 +127,7 @@ struct StateInner {
     registry: prometheus::Registry,
     api_key: Option<String>,
     health_wait: Duration,
-    max_body_bytes: usize,
+    limits: ServerLimits,
     openapi: serde_json::Value,
 }
 
@@ -129,6 +142,21 @@ impl AppState {
     pub fn new(client: RerankClient, config: &SidecarConfig) -> Result<Self, SidecarError> {
         let registry = prometheus::Registry::new();
         let metrics = HttpMetrics::register(&registry)?;
+        let body_limit = match config.max_body_bytes {
+            Some(bytes) => BodyLimit::Fixed(bytes),
+            None => {
+                let client = client.clone();
+                BodyLimit::Dynamic(Arc::new(move || {
+                    body_limit_for(client.max_payload().unwrap_or(NATS_DEFAULT_MAX_PAYLOAD))
+                }))
+            }
+        };
+        let limits = ServerLimits {
+            timeouts: config.timeouts,
+            max_connections: config.max_connections,
+            body_limit,
+            body_budget_bytes: config.body_budget_bytes,
+        };
         Ok(Self {
             inner: Arc::new(StateInner {
                 client,
@@ -136,7 +164,7 @@ impl AppState {
                 registry,
                 api_key: config.api_key.clone().filter(|k| !k.is_empty()),
                 health_wait: config.health_wait,
-                max_body_bytes: config.max_body_bytes,
+                limits,
                 openapi: openapi::document(),
             }),
         })
@@ -165,11 +193,31 @@ impl AppState {
     pub fn client(&self) -> &RerankClient {
         &self.inner.client
     }
+
+    /// The largest body accepted right now.
+    pub fn max_body_bytes(&self) -> usize {
+        self.inner.limits.body_limit.bytes()
+    }
+}
+
+/// The NATS server's default `max_payload`, assumed until the server's INFO says otherwise.
+pub const NATS_DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
+
+/// Room for the JSON envelope (field names, options, NIM's `{"text": ...}` per passage).
+const JSON_ENVELOPE_BYTES: usize = 64 * 1024;
+
+/// The default body limit: what can still fit `max_payload` once re-encoded as MessagePack. JSON
+/// is the larger encoding: `\uXXXX` escapes (Python's `json.dumps` default) double CJK text and
+/// more, so twice `max_payload` plus the envelope. Anything larger could only be refused after
+/// being buffered and parsed.
+pub fn body_limit_for(max_payload: usize) -> usize {
+    max_payload
+        .saturating_mul(2)
+        .saturating_add(JSON_ENVELOPE_BYTES)
 }
 
 /// The whole HTTP surface.
 pub fn router(state: AppState) -> Router {
-    let max_body_bytes = state.inner.max_body_bytes;
     Router::new()
         .route("/rerank", post(routes::rerank::rerank))
         .route("/v1/rerank", post(routes::cohere::rerank))
@@ -181,9 +229,11 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(routes::health::openapi))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        // Each new .layer() wraps the ones before: bodies are limited inside auth, and observe
-        // (span + metrics) is outermost so it also counts 401s.
-        .layer(DefaultBodyLimit::max(max_body_bytes))
+        // Each new .layer() wraps the ones before: bodies are admitted (size, budget) only after
+        // auth, and observe (span + metrics) is outermost so it also counts 401s. The body limit
+        // itself is enforced by `http_server` as the body is read, not by axum.
+        .layer(DefaultBodyLimit::disable())
+        .layer(axum::middleware::from_fn(middleware::admit_body))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             middleware::authorize,
@@ -210,8 +260,8 @@ pub async fn serve(
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), SidecarError> {
     let client = state.client().clone();
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(stop)
+    let limits = state.inner.limits.clone();
+    http_server::serve(listener, router(state), limits, stop)
         .await
         .map_err(SidecarError::Serve)?;
     client.close().await;
@@ -231,7 +281,14 @@ pub async fn run(
             source,
         })?;
     let addr = listener.local_addr().map_err(SidecarError::Serve)?;
-    tracing::info!(%addr, subject = %config.subject, auth = config.api_key.is_some(), "sidecar listening");
+    tracing::info!(
+        %addr,
+        subject = %config.subject,
+        auth = config.api_key.is_some(),
+        max_body_bytes = state.max_body_bytes(),
+        max_connections = config.max_connections,
+        "sidecar listening"
+    );
     serve(listener, state, stop).await?;
     tracing::info!("sidecar stopped");
     Ok(())
