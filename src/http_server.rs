@@ -521,6 +521,23 @@ struct Shared {
 
 /// Serves `router` on `listener` within `limits` until `stop` resolves, then lets in-flight
 /// requests finish (still under the timeouts) and returns.
+/// Pending connections the kernel queues for `accept` (the usual `somaxconn`). tokio's
+/// `TcpListener::bind` asks for 1,024; a burst past the queue is dropped in the handshake, where
+/// the peer may believe it is connected and wait forever, so the queue is sized for bursts.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds a listener for [`serve`] with a backlog sized for bursts of connections.
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 pub async fn serve(
     listener: TcpListener,
     router: Router,

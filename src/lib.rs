@@ -18,8 +18,8 @@
 pub mod cli;
 pub mod client;
 pub mod engine;
-pub mod jobs;
 pub mod http_server;
+pub mod jobs;
 pub mod model;
 pub mod nats;
 pub mod probe;

@@ -236,6 +236,7 @@ async fn legitimate_caller(
 async fn stuck_connection(
     addr: SocketAddr,
     prefix: &'static [u8],
+    connected: Arc<AtomicUsize>,
     closed: Arc<AtomicUsize>,
 ) -> Duration {
     let mut stream = within(Duration::from_secs(30), "connect", TcpStream::connect(addr))
@@ -244,6 +245,7 @@ async fn stuck_connection(
     if !prefix.is_empty() {
         stream.write_all(prefix).await.expect("write the prefix");
     }
+    connected.fetch_add(1, Ordering::SeqCst);
     let opened = Instant::now();
     let mut buffer = [0u8; 1024];
     while matches!(stream.read(&mut buffer).await, Ok(n) if n > 0) {}
@@ -319,14 +321,29 @@ async fn stuck_connections_are_closed_by_the_timeouts_while_requests_succeed() {
         (sidecar.addr(), &b""[..], IDLE, Duration::from_secs(3)),
         (probe, PROBE_HALF_HEAD, ON_PROBE, Duration::from_secs(2)),
     ];
+    // Each batch is connected before the next starts, so the accept queue never overflows (an
+    // overflowing queue drops handshakes the client believes complete: no server could close them).
+    let connected = Arc::new(AtomicUsize::new(0));
     for (addr, prefix, count, timeout) in plan {
         for batch in 0..count.div_ceil(100) {
             let n = 100.min(count - batch * 100);
             for _ in 0..n {
-                let task = tokio::spawn(stuck_connection(addr, prefix, closed.clone()));
+                let task = tokio::spawn(stuck_connection(
+                    addr,
+                    prefix,
+                    connected.clone(),
+                    closed.clone(),
+                ));
                 attack.push((task, timeout, String::from_utf8_lossy(prefix).to_string()));
             }
-            tokio::task::yield_now().await;
+            let started = Instant::now();
+            while connected.load(Ordering::SeqCst) < attack.len() {
+                assert!(
+                    started.elapsed() < PATIENCE,
+                    "attack connections not established"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
         }
     }
     let total = attack.len();

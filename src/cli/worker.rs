@@ -66,8 +66,7 @@ pub async fn run_worker(
     let ready = Arc::new(AtomicBool::new(false));
 
     // The probe answers /live at once, so a long model load is not mistaken for a hang.
-    let listener = tokio::net::TcpListener::bind(options.health_listen)
-        .await
+    let listener = crate::http_server::bind(options.health_listen)
         .with_context(|| format!("cannot listen on {}", options.health_listen))?;
     tracing::info!(addr = %listener.local_addr()?, "probe listening");
     let probe_state = ProbeState {

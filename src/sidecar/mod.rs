@@ -28,8 +28,8 @@ use axum::routing::{get, post};
 use axum::Router;
 
 use crate::client::{BuildError, RerankClient};
-use crate::jobs::{JobQueueError, JobStream};
 use crate::http_server::{self, BodyLimit, ServerLimits, Timeouts};
+use crate::jobs::{JobQueueError, JobStream};
 use crate::nats::{NatsConfig, NatsConnectError};
 
 pub use error::ApiError;
@@ -274,12 +274,10 @@ pub async fn run(
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), SidecarError> {
     let state = AppState::connect(&config).await?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| SidecarError::Bind {
-            addr: config.listen,
-            source,
-        })?;
+    let listener = http_server::bind(config.listen).map_err(|source| SidecarError::Bind {
+        addr: config.listen,
+        source,
+    })?;
     let addr = listener.local_addr().map_err(SidecarError::Serve)?;
     tracing::info!(
         %addr,
