@@ -36,6 +36,41 @@ fn tokenizer(max_length: usize) -> PairTokenizer {
     PairTokenizer::new(plain_tokenizer().clone(), max_length).expect("tokenizer")
 }
 
+/// The engine on the tiny model at `MAX_LENGTH`, without warm-up.
+async fn start_engine(max_batch_tokens: usize) -> Engine {
+    Engine::start(
+        model(),
+        tokenizer(MAX_LENGTH),
+        EngineConfig {
+            warmup_tokens: 0,
+            max_batch_tokens,
+            ..EngineConfig::default()
+        },
+        EngineMetrics::detached(),
+    )
+    .await
+    .expect("engine")
+}
+
+/// Scores `documents` against `QUERY` through `engine`.
+async fn score(
+    engine: &Engine,
+    documents: Vec<String>,
+    truncation: Truncation,
+) -> Result<rerank_service::engine::ScoreResponse, rerank_service::engine::EngineError> {
+    within(
+        PATIENCE,
+        "engine request",
+        engine.score(ScoreRequest {
+            query: QUERY.into(),
+            documents,
+            truncation,
+            deadline: None,
+        }),
+    )
+    .await
+}
+
 fn chunk(overlap: usize, max_chunks: usize) -> Truncation {
     Truncation::Chunk(ChunkPolicy {
         overlap,
@@ -186,30 +221,11 @@ async fn a_chunked_documents_score_is_its_best_windows_and_its_span_reproduces_i
             .fold(f32::NEG_INFINITY, f32::max)
     };
 
-    let engine = Engine::start(
-        model,
-        tokenizer.clone(),
-        EngineConfig {
-            warmup_tokens: 0,
-            max_batch_tokens: 256,
-            ..EngineConfig::default()
-        },
-        EngineMetrics::detached(),
-    )
-    .await
-    .expect("engine");
-    let response = within(
-        PATIENCE,
-        "chunked request",
-        engine.score(ScoreRequest {
-            query: QUERY.into(),
-            documents: documents.clone(),
-            truncation: chunk(16, 10),
-            deadline: None,
-        }),
-    )
-    .await
-    .expect("scored");
+    drop(model);
+    let engine = start_engine(256).await;
+    let response = score(&engine, documents.clone(), chunk(16, 10))
+        .await
+        .expect("scored");
     assert_eq!(response.pairs, pairs.len(), "every window counts as a pair");
     for doc in 0..documents.len() {
         assert!(
@@ -220,17 +236,9 @@ async fn a_chunked_documents_score_is_its_best_windows_and_its_span_reproduces_i
         );
     }
     // The short document is one ordinary pair, scored and spanned as END would.
-    let plain = within(
-        PATIENCE,
-        "END request",
-        engine.score(ScoreRequest {
-            query: QUERY.into(),
-            documents: vec![documents[1].clone()],
-            ..ScoreRequest::default()
-        }),
-    )
-    .await
-    .expect("scored");
+    let plain = score(&engine, vec![documents[1].clone()], Truncation::End)
+        .await
+        .expect("scored");
     assert_eq!(plain.scores[0], response.scores[1]);
     assert_eq!(response.spans[1], 0..documents[1].chars().count());
 
@@ -239,18 +247,9 @@ async fn a_chunked_documents_score_is_its_best_windows_and_its_span_reproduces_i
         let span = response.spans[doc].clone();
         let passage: String = text.chars().skip(span.start).take(span.len()).collect();
         assert!(!passage.is_empty() && passage.len() <= text.len());
-        let again = within(
-            PATIENCE,
-            "span request",
-            engine.score(ScoreRequest {
-                query: QUERY.into(),
-                documents: vec![passage.clone()],
-                truncation: Truncation::None,
-                deadline: None,
-            }),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("document {doc}: the span {passage:?} must fit: {e}"));
+        let again = score(&engine, vec![passage.clone()], Truncation::None)
+            .await
+            .unwrap_or_else(|e| panic!("document {doc}: the span {passage:?} must fit: {e}"));
         assert!(
             (again.scores[0] - response.scores[doc]).abs() <= TOL,
             "document {doc}: span {span:?} scores {} alone, {} as the best window",
@@ -348,29 +347,10 @@ fn chunking_a_5_mb_document_costs_what_its_windows_need() {
 /// Scores and spans (code points) of `documents` under `truncation`, in-process: the reference
 /// every transport must reproduce.
 async fn reference(documents: &[String], truncation: Truncation) -> (Vec<f32>, Vec<Span>) {
-    let engine = Engine::start(
-        model(),
-        tokenizer(MAX_LENGTH),
-        EngineConfig {
-            warmup_tokens: 0,
-            ..EngineConfig::default()
-        },
-        EngineMetrics::detached(),
-    )
-    .await
-    .expect("engine");
-    let response = within(
-        PATIENCE,
-        "reference",
-        engine.score(ScoreRequest {
-            query: QUERY.into(),
-            documents: documents.to_vec(),
-            truncation,
-            deadline: None,
-        }),
-    )
-    .await
-    .expect("scored");
+    let engine = start_engine(EngineConfig::default().max_batch_tokens).await;
+    let response = score(&engine, documents.to_vec(), truncation)
+        .await
+        .expect("scored");
     engine.shutdown().await;
     let spans = response
         .spans
