@@ -108,7 +108,7 @@ impl HttpTransport {
         let (code, message) = match serde_json::from_slice::<ErrorReply>(&body) {
             Ok(e) => (e.error.code, e.error.message),
             Err(_) => (
-                code_for_status(status.as_u16()),
+                ErrorCode::for_status(status.as_u16()),
                 format!(
                     "HTTP {status}: {}",
                     String::from_utf8_lossy(&body[..body.len().min(200)])
@@ -128,19 +128,5 @@ fn transport_error(e: reqwest::Error, timeout: Duration) -> RerankError {
         RerankError::Timeout { timeout }
     } else {
         RerankError::Connection(e.to_string())
-    }
-}
-
-/// Best wire code for an HTTP status whose body is not ours (a proxy in between, say).
-fn code_for_status(status: u16) -> ErrorCode {
-    match status {
-        401 | 403 => ErrorCode::Unauthorized,
-        404 => ErrorCode::NotFound,
-        413 => ErrorCode::PayloadTooLarge,
-        429 => ErrorCode::Overloaded,
-        502 | 503 => ErrorCode::Unavailable,
-        504 => ErrorCode::Timeout,
-        400..=499 => ErrorCode::InvalidRequest,
-        _ => ErrorCode::ModelError,
     }
 }

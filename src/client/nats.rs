@@ -175,7 +175,7 @@ pub(crate) fn decode(message: &async_nats::Message) -> Result<RerankReply, Reran
             let code = header_code
                 .as_deref()
                 .and_then(|c| c.parse::<u16>().ok())
-                .map_or(ErrorCode::ModelError, code_for_status);
+                .map_or(ErrorCode::ModelError, ErrorCode::for_status);
             Err(RerankError::Service {
                 code,
                 message: description,
@@ -186,19 +186,5 @@ pub(crate) fn decode(message: &async_nats::Message) -> Result<RerankReply, Reran
             "undecodable reply of {} bytes from the worker",
             message.payload.len()
         ))),
-    }
-}
-
-/// Best wire code for a bare service status number.
-fn code_for_status(status: u16) -> ErrorCode {
-    match status {
-        400 => ErrorCode::InvalidRequest,
-        401 | 403 => ErrorCode::Unauthorized,
-        404 => ErrorCode::NotFound,
-        413 => ErrorCode::PayloadTooLarge,
-        429 => ErrorCode::Overloaded,
-        503 => ErrorCode::Unavailable,
-        504 => ErrorCode::Timeout,
-        _ => ErrorCode::ModelError,
     }
 }

@@ -68,7 +68,7 @@ impl Executor {
         batch.pairs.retain(|pair| {
             let dead = pair.request.is_dead(now);
             if dead {
-                pair.request.abandon(now);
+                pair.request.abandon();
             }
             !dead
         });

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, Notify};
 
 use crate::model::{CrossEncoder, EncodePairsError, PairTokenizer, TokenizeWork, Truncation};
 use executor::Executor;
@@ -65,15 +65,6 @@ impl Default for EngineConfig {
             warmup_tokens: 512,
         }
     }
-}
-
-/// Lifecycle, published on a watch channel for readiness probes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EngineState {
-    WarmingUp,
-    Ready,
-    Draining,
-    Stopped,
 }
 
 /// One request for the engine.
@@ -122,7 +113,6 @@ struct Inner {
     queue: Mutex<PairQueue>,
     work_available: Notify,
     closing: AtomicBool,
-    state: watch::Sender<EngineState>,
     metrics: EngineMetrics,
     threads: Mutex<Option<(std::thread::JoinHandle<()>, tokio::task::JoinHandle<()>)>>,
 }
@@ -135,7 +125,6 @@ impl Engine {
         config: EngineConfig,
         metrics: EngineMetrics,
     ) -> Result<Self, EngineError> {
-        let (state, _) = watch::channel(EngineState::WarmingUp);
         // Bound channel to 1: the batching task prepares the next batch while the device runs the
         // current one, and no more (later arrivals can still join the batch after it).
         let (batch_tx, batch_rx) = mpsc::channel::<Batch>(1);
@@ -174,31 +163,16 @@ impl Engine {
             config,
             work_available: Notify::new(),
             closing: AtomicBool::new(false),
-            state,
             metrics,
             threads: Mutex::new(None),
         });
         let batcher = tokio::spawn(batching_loop(Arc::clone(&inner), batch_tx));
         *inner.threads.lock().unwrap_or_else(|e| e.into_inner()) = Some((thread, batcher));
-        inner.state.send_replace(EngineState::Ready);
         Ok(Self { inner })
     }
 
     pub fn config(&self) -> &EngineConfig {
         &self.inner.config
-    }
-
-    pub fn tokenizer(&self) -> &PairTokenizer {
-        &self.inner.tokenizer
-    }
-
-    pub fn state(&self) -> watch::Receiver<EngineState> {
-        self.inner.state.subscribe()
-    }
-
-    /// Pairs currently waiting for the device.
-    pub fn queued_pairs(&self) -> usize {
-        self.inner.lock_queue().queued_pairs()
     }
 
     /// Scores every document of `request` against its query.
@@ -315,7 +289,6 @@ impl Engine {
     pub async fn shutdown(&self) {
         let inner = &self.inner;
         inner.closing.store(true, Ordering::Release);
-        inner.state.send_replace(EngineState::Draining);
         inner.work_available.notify_one();
         let threads = inner
             .threads
@@ -326,7 +299,6 @@ impl Engine {
             let _ = batcher.await;
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
-        inner.state.send_replace(EngineState::Stopped);
     }
 }
 

@@ -130,7 +130,7 @@ impl PairQueue {
         let mut dropped = 0usize;
         self.requests.retain(|(request, pairs)| {
             if request.is_dead(now) {
-                request.abandon(now);
+                request.abandon();
                 dropped += pairs.len();
                 false
             } else {

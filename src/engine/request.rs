@@ -76,7 +76,7 @@ impl PendingRequest {
     }
 
     /// Answers a dead request with `DeadlineExceeded` (if anyone still listens).
-    pub fn abandon(&self, _now: Instant) {
+    pub fn abandon(&self) {
         if let Some(tx) = self.lock().reply.take() {
             let _ = tx.send(Err(EngineError::DeadlineExceeded));
         }

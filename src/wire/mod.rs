@@ -199,6 +199,22 @@ impl ErrorCode {
         }
     }
 
+    /// The code for a status that came without one (an ADR-32 header without a body, a proxy's
+    /// error page): the inverse of [`status`](Self::status) where it is one-to-one, and the
+    /// nearest kind elsewhere (502, a gateway's failure, is `unavailable` and so retryable).
+    pub fn for_status(status: u16) -> Self {
+        match status {
+            401 | 403 => ErrorCode::Unauthorized,
+            404 => ErrorCode::NotFound,
+            413 => ErrorCode::PayloadTooLarge,
+            429 => ErrorCode::Overloaded,
+            502 | 503 => ErrorCode::Unavailable,
+            504 => ErrorCode::Timeout,
+            400..=499 => ErrorCode::InvalidRequest,
+            _ => ErrorCode::ModelError,
+        }
+    }
+
     /// Whether a caller may safely send the same request again (to any worker).
     pub fn is_retryable(self) -> bool {
         match self {
@@ -402,5 +418,19 @@ mod tests {
         }
         assert!(ErrorCode::Overloaded.is_retryable());
         assert!(!ErrorCode::InvalidRequest.is_retryable());
+        // A status without a code maps back where `status` is one-to-one, and 502 is retryable.
+        for code in ErrorCode::ALL {
+            let status = code.status();
+            if ErrorCode::ALL
+                .iter()
+                .filter(|c| c.status() == status)
+                .count()
+                == 1
+            {
+                assert_eq!(ErrorCode::for_status(status), code, "{status}");
+            }
+        }
+        assert!(ErrorCode::for_status(502).is_retryable());
+        assert_eq!(ErrorCode::for_status(418), ErrorCode::InvalidRequest);
     }
 }
