@@ -59,9 +59,6 @@ pub struct EngineArgs {
     /// Documents allowed in one request (`too_many_documents` beyond).
     #[arg(long, env = "RERANK_MAX_DOCUMENTS", default_value_t = 1_000)]
     pub max_documents: usize,
-    /// Largest share of padding in one forward pass before a length-sorted batch is split.
-    #[arg(long, env = "RERANK_MAX_PADDING", default_value_t = 0.2)]
-    pub max_padding: f64,
     /// Fault injection (drills and tests only): milliseconds added to every forward pass.
     #[arg(
         long,
@@ -92,7 +89,6 @@ impl EngineArgs {
             max_batch_tokens: self.max_batch_tokens,
             max_queue_pairs: self.max_queue_pairs,
             max_documents: self.max_documents,
-            max_padding: self.max_padding.clamp(0.0, 1.0),
             fault_batch_delay: std::time::Duration::from_millis(self.fault_batch_delay_ms),
             warmup_tokens: self.warmup_tokens.unwrap_or(if on_gpu {
                 self.max_batch_tokens
