@@ -1,6 +1,8 @@
-//! Batch composition must not change a score: a pair scored alone equals the same pair inside padded
-//! batches of very different lengths, in any order, split into mini-batches by the engine's token
-//! budget, and mixed with other requests running concurrently (CPU, f32, within 1e-5).
+//! Batch composition must not change a score: a pair scored alone equals the same pair inside packed
+//! batches of very different lengths, in any order, split into batches by the engine's real-token
+//! budget, and mixed with other requests running concurrently (CPU, f32, within 1e-5). Edge shapes
+//! of the packed forward too: a one-token sequence, one 512-token sequence among short ones, and a
+//! batch exactly at the token budget.
 
 mod common;
 
@@ -103,8 +105,8 @@ fn score_batch_is_independent_of_batch_composition_and_order() {
         assert_same_scores(&scores, &expected, what);
     }
 
-    // Every pair next to the 512-token one (padded to 512), and next to a copy of itself (twice
-    // the rows, no padding): the row count and the padded length of a batch must not matter.
+    // Every pair next to the 512-token one, and next to a copy of itself: neither the neighbours'
+    // lengths nor the batch's row count may matter.
     for (i, sequence) in sequences.iter().enumerate() {
         let padded = model
             .score_batch(&[sequence.as_slice(), sequences[longest].as_slice()])
@@ -117,7 +119,7 @@ fn score_batch_is_independent_of_batch_composition_and_order() {
             &padded[..1],
             &reference[i..=i],
             TOL,
-            &format!("{what} padded to 512"),
+            &format!("{what} next to 512 tokens"),
         );
         assert_eq!(twice[0], twice[1], "{what}: two identical rows differ");
         assert_close(
@@ -127,6 +129,45 @@ fn score_batch_is_independent_of_batch_composition_and_order() {
             &format!("{what} twice"),
         );
     }
+}
+
+#[test]
+fn packed_edge_shapes_score_as_alone() {
+    let model = load_model();
+    let sequences = golden_sequences();
+    let long = sequences
+        .iter()
+        .find(|s| s.len() == MAX_LENGTH)
+        .expect("a 512-token golden sequence")
+        .clone();
+    let mut shorts: Vec<Vec<u32>> = sequences.iter().filter(|s| s.len() < 64).cloned().collect();
+    shorts.truncate(6);
+    assert!(shorts.len() >= 3, "golden has short sequences");
+    // A sequence of one token (BOS alone): attends only to itself, pools over one row.
+    let bos_only = vec![128_000u32];
+    let one_token = alone(&model, std::slice::from_ref(&bos_only))[0];
+    assert!(one_token.is_finite());
+
+    let mut batch: Vec<Vec<u32>> = Vec::new();
+    batch.push(shorts[0].clone());
+    batch.push(bos_only.clone());
+    batch.extend(shorts[1..].iter().cloned());
+    batch.insert(2, long.clone());
+    batch.push(bos_only.clone());
+    let reference = alone(&model, &batch);
+    assert_eq!(reference[1], one_token);
+    let refs: Vec<&[u32]> = batch.iter().map(Vec::as_slice).collect();
+    let scores = model.score_batch(&refs).expect("packed batch");
+    assert_same_scores(
+        &scores,
+        &reference,
+        "one-token and 512-token sequences among short ones",
+    );
+    // Only one-token sequences: every row is its own sequence.
+    let singles = model
+        .score_batch(&[bos_only.as_slice(); 3])
+        .expect("one-token batch");
+    assert_same_scores(&singles, &[one_token; 3], "only one-token sequences");
 }
 
 async fn start_engine(max_batch_tokens: usize) -> (Engine, EngineMetrics) {
@@ -202,6 +243,37 @@ async fn engine_mini_batches_give_the_scores_of_each_pair_alone() {
         assert_same_scores(&scores, &expected, what);
     }
     engine.shutdown().await;
+}
+
+/// Pairs whose lengths add up to exactly the budget run in one forward pass with no padding; one
+/// token more splits them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_at_the_token_budget_runs_in_one_packed_pass() {
+    let query = "why do rivers flood in spring?";
+    let documents: Vec<String> = golden_documents().into_iter().take(6).collect();
+    let docs: Vec<&str> = documents.iter().map(String::as_str).collect();
+    let sequences = tokenizer()
+        .encode_pairs(query, &docs, Truncation::End)
+        .expect("tokenize");
+    let reference = alone(&load_model(), &sequences);
+    let total: usize = sequences.iter().map(Vec::len).sum();
+
+    for (budget, passes) in [(total, 1u64), (total - 1, 2)] {
+        let (engine, metrics) = start_engine(budget).await;
+        let scores = score(&engine, query, &documents).await;
+        assert_same_scores(&scores, &reference, &format!("budget {budget} of {total}"));
+        assert_eq!(
+            metrics.batch_size.get_sample_count(),
+            passes,
+            "{total} tokens under a {budget}-token budget"
+        );
+        assert_eq!(
+            metrics.batch_padded_tokens.get_sample_sum() as usize,
+            total,
+            "a packed pass computes exactly the real tokens"
+        );
+        engine.shutdown().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -64,9 +64,6 @@ pub struct EngineArgs {
     /// of work (a request without `max_chunks_per_doc` gets 10).
     #[arg(long, env = "RERANK_MAX_CHUNKS_PER_DOC", default_value_t = 32)]
     pub max_chunks_per_doc: usize,
-    /// Largest share of padding in one forward pass before a length-sorted batch is split.
-    #[arg(long, env = "RERANK_MAX_PADDING", default_value_t = 0.2)]
-    pub max_padding: f64,
     /// Fault injection (drills and tests only): milliseconds added to every forward pass.
     #[arg(
         long,
@@ -98,7 +95,6 @@ impl EngineArgs {
             max_queue_pairs: self.max_queue_pairs,
             max_documents: self.max_documents,
             max_chunks_per_doc: self.max_chunks_per_doc.max(1),
-            max_padding: self.max_padding.clamp(0.0, 1.0),
             fault_batch_delay: std::time::Duration::from_millis(self.fault_batch_delay_ms),
             warmup_tokens: self.warmup_tokens.unwrap_or(if on_gpu {
                 self.max_batch_tokens

@@ -16,7 +16,6 @@ mod queue;
 mod request;
 
 pub use error::EngineError;
-pub use executor::mini_batches;
 pub use metrics::EngineMetrics;
 pub use queue::{Batch, PairQueue, QueueFull, QueuedPair};
 pub use request::PendingRequest;
@@ -33,8 +32,8 @@ use executor::Executor;
 /// Batching limits.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
-    /// Token budget of one device batch: real tokens per batch, and padded tokens
-    /// (rows × longest) per forward pass.
+    /// Token budget of one device batch: real tokens per packed forward pass (there is no
+    /// padding; one pair longer than the budget still runs, alone).
     pub max_batch_tokens: usize,
     /// Pairs allowed to wait; beyond it requests are refused with `Overloaded`.
     pub max_queue_pairs: usize,
@@ -42,9 +41,6 @@ pub struct EngineConfig {
     pub max_documents: usize,
     /// Most windows per document a CHUNK request may ask for (`max_chunks_per_doc`).
     pub max_chunks_per_doc: usize,
-    /// Largest share of padding tolerated in one forward pass before the length-sorted batch is
-    /// split (smaller passes cost launches on a GPU; padding costs FLOPs everywhere).
-    pub max_padding: f64,
     /// Fault injection for tests and drills: extra time spent on every forward pass (a slow or
     /// stuck device). Zero in production.
     pub fault_batch_delay: Duration,
@@ -60,7 +56,6 @@ impl Default for EngineConfig {
             max_queue_pairs: 4_096,
             max_documents: 1_000,
             max_chunks_per_doc: 32,
-            max_padding: 0.2,
             fault_batch_delay: Duration::ZERO,
             warmup_tokens: 512,
         }
@@ -131,8 +126,6 @@ impl Engine {
         let (warm_tx, warm_rx) = tokio::sync::oneshot::channel();
         let executor = Executor {
             model,
-            max_batch_tokens: config.max_batch_tokens,
-            max_padding: config.max_padding,
             fault_batch_delay: config.fault_batch_delay,
             metrics: metrics.clone(),
         };

@@ -6,14 +6,15 @@
 //!
 //! Deliberate deviations from the bf16 reference: pooling, the head and the temperature division run
 //! in f32 whatever the compute dtype (the reference does them in bf16, which only adds rounding);
-//! rows are right-padded with positions `0..len` (the reference left-pads with `arange(T)`; RoPE
-//! depends only on relative offsets, so both agree up to rounding).
+//! sequences are packed without padding, each with positions `0..len` (the reference left-pads with
+//! `arange(T)`; RoPE depends only on relative offsets, so both agree up to rounding).
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 
 use super::config::ModelConfig;
-use super::layers::{key_padding_mask, masked_mean, DecoderLayer, RmsNorm};
+use super::layers::{segment_mean, DecoderLayer, RmsNorm};
+use super::packed::PackedBatch;
 use super::rope::{inverse_frequencies, RotaryTables};
 
 /// The reranker. Owns its weights on one device; `score_batch` is the only entry point.
@@ -26,7 +27,6 @@ pub struct CrossEncoder {
     score: Tensor,
     temperature: f64,
     rotary: RotaryTables,
-    pad_token_id: u32,
     vocab_size: usize,
     device: Device,
 }
@@ -69,7 +69,6 @@ impl CrossEncoder {
             score,
             temperature: cfg.temperature,
             rotary,
-            pad_token_id: cfg.pad_token_id(),
             vocab_size: cfg.vocab_size,
             device: vb.device().clone(),
         })
@@ -84,20 +83,19 @@ impl CrossEncoder {
         self.rotary.max_positions()
     }
 
-    /// Scores token sequences (each already `[BOS, ...]` and truncated). One padded forward pass;
-    /// returns one raw logit per sequence, in order.
+    /// Scores token sequences (each already `[BOS, ...]` and truncated). One packed forward pass
+    /// over their real tokens (no padding); returns one raw logit per sequence, in order.
     pub fn score_batch(&self, sequences: &[&[u32]]) -> candle_core::Result<Vec<f32>> {
         if sequences.is_empty() {
             return Ok(Vec::new());
         }
-        let lengths: Vec<usize> = sequences.iter().map(|s| s.len()).collect();
-        let seq_len = lengths.iter().copied().max().unwrap_or(0);
-        if seq_len == 0 || lengths.contains(&0) {
+        let longest = sequences.iter().map(|s| s.len()).max().unwrap_or(0);
+        if sequences.iter().any(|s| s.is_empty()) {
             candle_core::bail!("every sequence needs at least one token (BOS)");
         }
-        if seq_len > self.max_positions() {
+        if longest > self.max_positions() {
             candle_core::bail!(
-                "sequence of {seq_len} tokens exceeds the {} positions the model was loaded for",
+                "sequence of {longest} tokens exceeds the {} positions the model was loaded for",
                 self.max_positions()
             );
         }
@@ -113,28 +111,20 @@ impl CrossEncoder {
                 self.vocab_size
             );
         }
-        let mut ids = Vec::with_capacity(sequences.len() * seq_len);
-        for seq in sequences {
-            ids.extend_from_slice(seq);
-            ids.extend(std::iter::repeat_n(self.pad_token_id, seq_len - seq.len()));
-        }
-        let input_ids = Tensor::from_vec(ids, (sequences.len(), seq_len), &self.device)?;
-        let logits = self.forward(&input_ids, &lengths)?;
-        logits.to_vec1::<f32>()
+        let batch = PackedBatch::new(sequences, &self.device)?;
+        self.forward(&batch)?.to_vec1::<f32>()
     }
 
-    /// `input_ids`: (b, t) right-padded; `lengths`: real tokens per row. Returns f32 logits (b,).
-    pub fn forward(&self, input_ids: &Tensor, lengths: &[usize]) -> candle_core::Result<Tensor> {
-        let (_, seq_len) = input_ids.dims2()?;
-        let (cos, sin) = self.rotary.first(seq_len)?;
-        // Built once per batch and shared by every layer.
-        let key_mask = key_padding_mask(lengths, seq_len, &self.device)?;
-        let mut xs = self.embed_tokens.forward(input_ids)?;
+    /// The packed forward pass: f32 logits (sequences,).
+    fn forward(&self, batch: &PackedBatch) -> candle_core::Result<Tensor> {
+        // Per-token rotary rows, built once per batch and shared by every layer.
+        let (cos, sin) = self.rotary.at(&batch.positions)?;
+        let mut xs = self.embed_tokens.forward(&batch.input_ids)?;
         for layer in &self.layers {
-            xs = layer.forward(&xs, &cos, &sin, &key_mask)?;
+            xs = layer.forward(&xs, &cos, &sin, batch)?;
         }
         let hidden = self.norm.forward(&xs)?;
-        let pooled = masked_mean(&hidden, lengths)?;
+        let pooled = segment_mean(&hidden, batch)?;
         // A per-row dot product (not a (b, hidden) x (hidden, 1) matmul, whose gemm kernel depends
         // on the number of rows), so a pair's logit does not depend on its batch.
         let logits = pooled.broadcast_mul(&self.score)?.sum(1)?;

@@ -1,14 +1,20 @@
-//! The Llama decoder stack with **bidirectional** attention.
+//! The Llama decoder stack with **bidirectional** attention, over a packed batch.
+//!
+//! Every tensor is `(total_tokens, …)`: the sequences of a batch concatenated without padding, so
+//! every linear layer, RMSNorm and SwiGLU is one 2-D operation over real tokens only. Only
+//! attention ([`varlen_attention`]) and pooling ([`segment_mean`]) see the sequence boundaries.
 //!
 //! Reference: transformers 4.47.1 `models/llama/modeling_llama.py` (`LlamaAttention` eager path,
 //! `LlamaMLP`, `LlamaRMSNorm`, `LlamaDecoderLayer`) as used by NVIDIA's `llama_bidirectional_model.py`,
 //! which sets `is_causal = False` and replaces the causal mask by a padding-only key mask.
 //! Field names equal the Hugging Face tensor names so `vb.pp(..)` prefixes mirror the checkpoint.
 
-use candle_core::{DType, Module, Tensor, D};
+use candle_core::{DType, Module, Tensor};
 use candle_nn::{Init, VarBuilder};
 
+use super::attention::varlen_attention;
 use super::config::ModelConfig;
+use super::packed::PackedBatch;
 
 /// `LlamaRMSNorm`: normalise in f32, scale by the learned weight.
 #[derive(Debug, Clone)]
@@ -45,11 +51,9 @@ pub struct Linear {
 }
 
 impl Module for Linear {
+    /// `xs`: (tokens, in) -> (tokens, out), one 2-D gemm.
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let (b, t, k) = xs.dims3()?;
-        xs.reshape((b * t, k))?
-            .matmul(&self.weight_t)?
-            .reshape((b, t, ()))
+        xs.matmul(&self.weight_t)
     }
 }
 
@@ -64,7 +68,8 @@ fn linear(vb: VarBuilder, in_dim: usize, out_dim: usize) -> candle_core::Result<
     })
 }
 
-/// Multi-head attention with grouped KV heads; every query attends to every real key.
+/// Multi-head attention with grouped KV heads over a packed batch; every query attends to every
+/// token of its own sequence (bidirectional) and to nothing else.
 #[derive(Debug, Clone)]
 pub struct Attention {
     // projections
@@ -99,55 +104,35 @@ impl Attention {
         })
     }
 
-    /// `xs`: (b, t, hidden); `cos`/`sin`: (t, head_dim/2); `key_mask`: additive f32 (b, 1, 1, t).
+    /// `xs`: (tokens, hidden) packed; `cos`/`sin`: (tokens, head_dim/2), each token's own position.
     pub fn forward(
         &self,
         xs: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        key_mask: &Tensor,
+        batch: &PackedBatch,
     ) -> candle_core::Result<Tensor> {
         let _enter = self.span.enter();
-        let (b, t, _) = xs.dims3()?;
-        let dtype = xs.dtype();
+        let n = xs.dim(0)?;
+        let (heads, kv_heads, head_dim) = (self.num_heads, self.num_kv_heads, self.head_dim);
 
-        // 1. Project and split heads: (b, t, h*d) -> (b, h, t, d).
-        let split = |x: Tensor, heads: usize| -> candle_core::Result<Tensor> {
-            x.reshape((b, t, heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = split(self.q_proj.forward(xs)?, self.num_heads)?;
-        let k = split(self.k_proj.forward(xs)?, self.num_kv_heads)?;
-        let v = split(self.v_proj.forward(xs)?, self.num_kv_heads)?;
+        // 1. Project; the (tokens, heads*d) rows are already (tokens, heads, d): no transpose.
+        let q = self.q_proj.forward(xs)?.reshape((1, n, heads, head_dim))?;
+        let k = self
+            .k_proj
+            .forward(xs)?
+            .reshape((1, n, kv_heads, head_dim))?;
+        let v = self.v_proj.forward(xs)?.reshape((n, kv_heads, head_dim))?;
 
-        // 2. Rotary embeddings (rotate-half convention, as transformers' `apply_rotary_pos_emb`).
-        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        // 2. Rotary embeddings (rotate-half convention, as transformers' `apply_rotary_pos_emb`),
+        //    one position per token, in the (batch, tokens, heads, d) layout.
+        let q = candle_nn::rotary_emb::rope_thd(&q, cos, sin)?.reshape((n, heads, head_dim))?;
+        let k = candle_nn::rotary_emb::rope_thd(&k, cos, sin)?.reshape((n, kv_heads, head_dim))?;
 
-        // 3. GQA without copying K/V: query heads are grouped per KV head (transformers
-        //    `repeat_kv` order), so fold each group's heads into the row dimension:
-        //    (b, h, t, d) -> (b, kv, rep*t, d).
-        let rep = self.num_heads / self.num_kv_heads;
-        let q = q.reshape((b, self.num_kv_heads, rep * t, self.head_dim))?;
-
-        // 4. Scores (b, kv, rep*t, t) + padding-only key mask (b, 1, 1, t); softmax in f32 as the
-        //    eager path does (`softmax(attn_weights, dim=-1, dtype=torch.float32).to(q.dtype)`).
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        // K^T made contiguous for the same batch-invariance reason as in `Linear`.
-        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
-        let scores = scores.to_dtype(DType::F32)?.broadcast_add(key_mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
-
-        // 5. Weighted values, unfold the groups and merge heads:
-        //    (b, kv, rep*t, d) -> (b, h, t, d) -> (b, t, h*d) -> o_proj.
-        let out = probs
-            .matmul(&v)?
-            .reshape((b, self.num_heads, t, self.head_dim))?;
-        let out = out
-            .transpose(1, 2)?
-            .reshape((b, t, self.num_heads * self.head_dim))?;
-        self.o_proj.forward(&out)
+        // 3. Attention within each sequence, then merge heads and project.
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let out = varlen_attention(&q, &k, &v, batch, scale)?;
+        self.o_proj.forward(&out.reshape((n, heads * head_dim))?)
     }
 }
 
@@ -211,11 +196,11 @@ impl DecoderLayer {
         xs: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        key_mask: &Tensor,
+        batch: &PackedBatch,
     ) -> candle_core::Result<Tensor> {
-        let attn =
-            self.self_attn
-                .forward(&self.input_layernorm.forward(xs)?, cos, sin, key_mask)?;
+        let attn = self
+            .self_attn
+            .forward(&self.input_layernorm.forward(xs)?, cos, sin, batch)?;
         let xs = (xs + attn)?;
         let mlp = self
             .mlp
@@ -224,36 +209,17 @@ impl DecoderLayer {
     }
 }
 
-/// Additive key mask (b, 1, 1, t) in f32 from per-row real lengths: 0 for real keys, the f32
-/// minimum for padding (transformers `_prepare_4d_attention_mask` uses `finfo(dtype).min`).
-/// Padded *query* rows are left unmasked; pooling drops them.
-pub fn key_padding_mask(
-    lengths: &[usize],
-    seq_len: usize,
-    device: &candle_core::Device,
-) -> candle_core::Result<Tensor> {
-    let mut mask = Vec::with_capacity(lengths.len() * seq_len);
-    for &len in lengths {
-        mask.extend((0..seq_len).map(|i| if i < len { 0f32 } else { f32::MIN }));
-    }
-    Tensor::from_vec(mask, (lengths.len(), 1, 1, seq_len), device)
-}
-
-/// Mean over the real tokens of each row, in f32: (b, t, hidden) -> (b, hidden).
-pub fn masked_mean(hidden: &Tensor, lengths: &[usize]) -> candle_core::Result<Tensor> {
-    let (b, t, _) = hidden.dims3()?;
-    let device = hidden.device();
-    let mut keep = Vec::with_capacity(b * t);
-    for &len in lengths {
-        keep.extend((0..t).map(|i| if i < len { 1f32 } else { 0.0 }));
-    }
-    let keep = Tensor::from_vec(keep, (b, t, 1), device)?;
-    let counts: Vec<f32> = lengths.iter().map(|&len| len.max(1) as f32).collect();
-    let counts = Tensor::from_vec(counts, (b, 1), device)?;
-    // Sum, then divide, as the reference `pool(..., "avg")` does.
-    hidden
-        .to_dtype(DType::F32)?
-        .broadcast_mul(&keep)?
-        .sum(D::Minus2)?
-        .broadcast_div(&counts)
+/// Mean over each sequence's tokens, in f32: (tokens, hidden) -> (sequences, hidden).
+///
+/// Each sequence is summed over its own rows only, in order, so its mean does not depend on the
+/// other sequences of the batch (sum, then divide, as the reference `pool(..., "avg")` does).
+pub fn segment_mean(hidden: &Tensor, batch: &PackedBatch) -> candle_core::Result<Tensor> {
+    let hidden = hidden.to_dtype(DType::F32)?;
+    let sums = batch
+        .segments()
+        .map(|(start, len)| hidden.narrow(0, start, len)?.sum_keepdim(0))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let counts: Vec<f32> = batch.lengths().iter().map(|&len| len as f32).collect();
+    let counts = Tensor::from_vec(counts, (sums.len(), 1), hidden.device())?;
+    Tensor::cat(&sums, 0)?.broadcast_div(&counts)
 }

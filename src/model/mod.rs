@@ -2,10 +2,12 @@
 //!
 //! Knows nothing of NATS, HTTP, queues or wire formats; takes a device and a dtype from its caller.
 
+mod attention;
 mod config;
 mod cross_encoder;
 mod error;
 mod layers;
+mod packed;
 mod rope;
 mod tokenizer;
 mod weights;

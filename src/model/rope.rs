@@ -71,11 +71,12 @@ impl RotaryTables {
         Ok(Self { cos, sin })
     }
 
-    /// Tables for the first `seq_len` positions.
-    pub fn first(&self, seq_len: usize) -> candle_core::Result<(Tensor, Tensor)> {
+    /// Rows of the tables for each token's position: `positions` (tokens,) u32 ->
+    /// cos, sin of shape (tokens, head_dim / 2).
+    pub fn at(&self, positions: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
         Ok((
-            self.cos.narrow(0, 0, seq_len)?.contiguous()?,
-            self.sin.narrow(0, 0, seq_len)?.contiguous()?,
+            self.cos.index_select(positions, 0)?,
+            self.sin.index_select(positions, 0)?,
         ))
     }
 
@@ -117,5 +118,10 @@ mod tests {
         let cos = t.cos.to_vec2::<f32>().unwrap();
         assert_eq!(cos[0], vec![1.0, 1.0]);
         assert!((cos[2][0] - 2f32.cos()).abs() < 1e-7);
+        let positions = Tensor::new(&[2u32, 0, 3], &Device::Cpu).unwrap();
+        let (at_cos, at_sin) = t.at(&positions).unwrap();
+        let at_cos = at_cos.to_vec2::<f32>().unwrap();
+        assert_eq!(at_cos, vec![cos[2].clone(), cos[0].clone(), cos[3].clone()]);
+        assert_eq!(at_sin.dims(), &[3, 2]);
     }
 }
