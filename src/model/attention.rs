@@ -1,47 +1,13 @@
-//! Variable-length bidirectional attention over a packed batch: each token attends to every token
-//! of its own sequence and to nothing else, so no mask and no padding is ever built.
+//! Variable-length bidirectional attention over a packed batch, unfused: each token attends to
+//! every token of its own sequence and to nothing else, so no mask and no padding is ever built.
 //!
-//! One function, two paths with the same contract:
-//! - CPU, f32/f16: candle-nn's fused `flash_attn_varlen_cpu` (online softmax in f32, one query row
-//!   per task on the rayon pool; never materialises the (heads, len, len) scores);
-//! - elsewhere (CUDA, bf16): one unfused matmul–softmax–matmul per sequence, softmax in f32 as the
-//!   eager reference does.
-//!
-//! Both compute each sequence from its own rows only, so a pair's output does not depend on what
-//! else shares its batch.
+//! This is the path for CUDA and for half precision; on the CPU in f32 the fused kernel in
+//! [`super::cpu_kernels`] does the same (and is tested against this one). Each sequence is computed
+//! from its own rows only, so a pair's output does not depend on what else shares its batch.
 
 use candle_core::{DType, Tensor};
 
 use super::packed::PackedBatch;
-
-/// `q`: (tokens, heads, d), `k`/`v`: (tokens, kv_heads, d), rotary already applied; grouped-query
-/// heads in transformers' `repeat_kv` order. Returns (tokens, heads, d).
-pub fn varlen_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    batch: &PackedBatch,
-    scale: f64,
-) -> candle_core::Result<Tensor> {
-    if q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F16) {
-        candle_nn::attention::flash_attn_varlen_cpu(
-            q,
-            k,
-            v,
-            None,
-            &batch.seqlens,
-            &batch.seqlens,
-            batch.max_len(),
-            batch.max_len(),
-            scale as f32,
-            false,
-            None,
-            None,
-        )
-    } else {
-        per_sequence_attention(q, k, v, batch, scale)
-    }
-}
 
 /// The unfused path: for each sequence, scores (kv, rep·len, len) in f32, softmax, weighted values.
 pub fn per_sequence_attention(
@@ -82,34 +48,6 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    /// The fused CPU kernel against the unfused path on random data, lengths 1 to 37, GQA 3:1.
-    #[test]
-    fn fused_cpu_kernel_matches_unfused_path() {
-        let device = Device::Cpu;
-        let lengths = [1usize, 37, 5, 2, 16];
-        let sequences: Vec<Vec<u32>> = lengths.iter().map(|&l| vec![0; l]).collect();
-        let refs: Vec<&[u32]> = sequences.iter().map(Vec::as_slice).collect();
-        let batch = PackedBatch::new(&refs, &device).unwrap();
-        let n: usize = lengths.iter().sum();
-        let q = Tensor::randn(0f32, 1.0, (n, 6, 8), &device).unwrap();
-        let k = Tensor::randn(0f32, 1.0, (n, 2, 8), &device).unwrap();
-        let v = Tensor::randn(0f32, 1.0, (n, 2, 8), &device).unwrap();
-        let fused = varlen_attention(&q, &k, &v, &batch, 0.35).unwrap();
-        let unfused = per_sequence_attention(&q, &k, &v, &batch, 0.35).unwrap();
-        assert_eq!(fused.dims(), &[n, 6, 8]);
-        let worst = (fused - unfused)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(worst < 1e-5, "fused vs unfused: {worst}");
-    }
-
     /// A sequence of one token attends only to itself: its output is its own value row.
     #[test]
     fn a_single_token_sequence_returns_its_value() {
@@ -118,16 +56,12 @@ mod tests {
         let q = Tensor::randn(0f32, 1.0, (4, 2, 4), &device).unwrap();
         let k = Tensor::randn(0f32, 1.0, (4, 1, 4), &device).unwrap();
         let v = Tensor::randn(0f32, 1.0, (4, 1, 4), &device).unwrap();
-        for out in [
-            varlen_attention(&q, &k, &v, &batch, 0.5).unwrap(),
-            per_sequence_attention(&q, &k, &v, &batch, 0.5).unwrap(),
-        ] {
-            let last = out.narrow(0, 3, 1).unwrap().to_vec3::<f32>().unwrap();
-            let value = v.narrow(0, 3, 1).unwrap().to_vec3::<f32>().unwrap();
-            for head in &last[0] {
-                for (a, b) in head.iter().zip(&value[0][0]) {
-                    assert!((a - b).abs() < 1e-6);
-                }
+        let out = per_sequence_attention(&q, &k, &v, &batch, 0.5).unwrap();
+        let last = out.narrow(0, 3, 1).unwrap().to_vec3::<f32>().unwrap();
+        let value = v.narrow(0, 3, 1).unwrap().to_vec3::<f32>().unwrap();
+        for head in &last[0] {
+            for (a, b) in head.iter().zip(&value[0][0]) {
+                assert!((a - b).abs() < 1e-6);
             }
         }
     }

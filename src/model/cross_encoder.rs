@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 
 use super::config::ModelConfig;
-use super::layers::{segment_mean, DecoderLayer, RmsNorm};
+use super::layers::{segment_mean, BatchRotary, DecoderLayer, RmsNorm};
 use super::packed::PackedBatch;
 use super::rope::{inverse_frequencies, RotaryTables};
 
@@ -117,11 +117,17 @@ impl CrossEncoder {
 
     /// The packed forward pass: f32 logits (sequences,).
     fn forward(&self, batch: &PackedBatch) -> candle_core::Result<Tensor> {
-        // Per-token rotary rows, built once per batch and shared by every layer.
-        let (cos, sin) = self.rotary.at(&batch.positions)?;
         let mut xs = self.embed_tokens.forward(&batch.input_ids)?;
+        // The fused CPU attention reads the tables by position; elsewhere each token's rows are
+        // gathered once per batch and shared by every layer.
+        let rotary = if self.device.is_cpu() && xs.dtype() == DType::F32 {
+            BatchRotary::CpuRows(&self.rotary.rows)
+        } else {
+            let (cos, sin) = self.rotary.at(&batch.positions)?;
+            BatchRotary::PerToken { cos, sin }
+        };
         for layer in &self.layers {
-            xs = layer.forward(&xs, &cos, &sin, batch)?;
+            xs = layer.forward(&xs, &rotary, batch)?;
         }
         let hidden = self.norm.forward(&xs)?;
         let pooled = segment_mean(&hidden, batch)?;

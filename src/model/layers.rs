@@ -2,7 +2,7 @@
 //!
 //! Every tensor is `(total_tokens, …)`: the sequences of a batch concatenated without padding, so
 //! every linear layer, RMSNorm and SwiGLU is one 2-D operation over real tokens only. Only
-//! attention ([`varlen_attention`]) and pooling ([`segment_mean`]) see the sequence boundaries.
+//! attention ([`Attention`]) and pooling ([`segment_mean`]) see the sequence boundaries.
 //!
 //! Reference: transformers 4.47.1 `models/llama/modeling_llama.py` (`LlamaAttention` eager path,
 //! `LlamaMLP`, `LlamaRMSNorm`, `LlamaDecoderLayer`) as used by NVIDIA's `llama_bidirectional_model.py`,
@@ -12,8 +12,9 @@
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use super::attention::varlen_attention;
+use super::attention::per_sequence_attention;
 use super::config::ModelConfig;
+use super::cpu_kernels::{PackedSelfAttention, RotaryRows, SwiGlu};
 use super::packed::PackedBatch;
 
 /// `LlamaRMSNorm`: normalise in f32, scale by the learned weight.
@@ -57,6 +58,21 @@ impl Module for Linear {
     }
 }
 
+/// Several checkpoint projections of the same input as one: their `W^T` side by side, (in, Σ out).
+fn fused_linear(
+    vb: &VarBuilder,
+    parts: &[(&str, usize)],
+    in_dim: usize,
+) -> candle_core::Result<Linear> {
+    let weights_t = parts
+        .iter()
+        .map(|&(name, out_dim)| Ok(linear(vb.pp(name), in_dim, out_dim)?.weight_t))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Linear {
+        weight_t: Tensor::cat(&weights_t, 1)?,
+    })
+}
+
 fn linear(vb: VarBuilder, in_dim: usize, out_dim: usize) -> candle_core::Result<Linear> {
     let weight = vb.get_with_hints(
         (out_dim, in_dim),
@@ -70,14 +86,13 @@ fn linear(vb: VarBuilder, in_dim: usize, out_dim: usize) -> candle_core::Result<
 
 /// Multi-head attention with grouped KV heads over a packed batch; every query attends to every
 /// token of its own sequence (bidirectional) and to nothing else.
+///
+/// Q, K and V come from one fused projection (the three checkpoint matrices side by side): one gemm
+/// over the batch instead of three.
 #[derive(Debug, Clone)]
 pub struct Attention {
-    // projections
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    qkv_proj: Linear,
     o_proj: Linear,
-    // hyper params
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -93,9 +108,15 @@ impl Attention {
             cfg.head_dim(),
         );
         Ok(Self {
-            q_proj: linear(vb.pp("q_proj"), hidden, heads * head_dim)?,
-            k_proj: linear(vb.pp("k_proj"), hidden, kv_heads * head_dim)?,
-            v_proj: linear(vb.pp("v_proj"), hidden, kv_heads * head_dim)?,
+            qkv_proj: fused_linear(
+                &vb,
+                &[
+                    ("q_proj", heads * head_dim),
+                    ("k_proj", kv_heads * head_dim),
+                    ("v_proj", kv_heads * head_dim),
+                ],
+                hidden,
+            )?,
             o_proj: linear(vb.pp("o_proj"), heads * head_dim, hidden)?,
             num_heads: heads,
             num_kv_heads: kv_heads,
@@ -104,53 +125,67 @@ impl Attention {
         })
     }
 
-    /// `xs`: (tokens, hidden) packed; `cos`/`sin`: (tokens, head_dim/2), each token's own position.
+    /// `xs`: (tokens, hidden) packed.
     pub fn forward(
         &self,
         xs: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        rotary: &BatchRotary<'_>,
         batch: &PackedBatch,
     ) -> candle_core::Result<Tensor> {
         let _enter = self.span.enter();
         let n = xs.dim(0)?;
         let (heads, kv_heads, head_dim) = (self.num_heads, self.num_kv_heads, self.head_dim);
-
-        // 1. Project; the (tokens, heads*d) rows are already (tokens, heads, d): no transpose.
-        let q = self.q_proj.forward(xs)?.reshape((1, n, heads, head_dim))?;
-        let k = self
-            .k_proj
-            .forward(xs)?
-            .reshape((1, n, kv_heads, head_dim))?;
-        let v = self.v_proj.forward(xs)?.reshape((n, kv_heads, head_dim))?;
-
-        // 2. Rotary embeddings (rotate-half convention, as transformers' `apply_rotary_pos_emb`),
-        //    one position per token, in the (batch, tokens, heads, d) layout.
-        let q = candle_nn::rotary_emb::rope_thd(&q, cos, sin)?.reshape((n, heads, head_dim))?;
-        let k = candle_nn::rotary_emb::rope_thd(&k, cos, sin)?.reshape((n, kv_heads, head_dim))?;
-
-        // 3. Attention within each sequence, then merge heads and project.
+        let qkv = self.qkv_proj.forward(xs)?;
         let scale = 1.0 / (head_dim as f64).sqrt();
-        let out = varlen_attention(&q, &k, &v, batch, scale)?;
-        self.o_proj.forward(&out.reshape((n, heads * head_dim))?)
+        let out = match rotary {
+            // CPU f32: RoPE and attention in one fused pass over the QKV rows.
+            BatchRotary::CpuRows(rows) => qkv.apply_op1_no_bwd(&PackedSelfAttention {
+                segments: batch.segment_list(),
+                heads,
+                kv_heads,
+                head_dim,
+                scale: scale as f32,
+                rotary: rows,
+            })?,
+            BatchRotary::PerToken { cos, sin } => {
+                let q = qkv.narrow(1, 0, heads * head_dim)?.contiguous()?;
+                let k = qkv
+                    .narrow(1, heads * head_dim, kv_heads * head_dim)?
+                    .contiguous()?;
+                let v = qkv
+                    .narrow(1, (heads + kv_heads) * head_dim, kv_heads * head_dim)?
+                    .reshape((n, kv_heads, head_dim))?;
+                // Rotate-half RoPE (transformers' `apply_rotary_pos_emb`), one position per token,
+                // in the (batch, tokens, heads, d) layout.
+                let q = q.reshape((1, n, heads, head_dim))?;
+                let k = k.reshape((1, n, kv_heads, head_dim))?;
+                let q = candle_nn::rotary_emb::rope_thd(&q, cos, sin)?
+                    .reshape((n, heads, head_dim))?;
+                let k = candle_nn::rotary_emb::rope_thd(&k, cos, sin)?
+                    .reshape((n, kv_heads, head_dim))?;
+                per_sequence_attention(&q, &k, &v, batch, scale)?.reshape((n, heads * head_dim))?
+            }
+        };
+        self.o_proj.forward(&out)
     }
 }
 
-/// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
+/// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`, gate and up as one fused projection.
 #[derive(Debug, Clone)]
 pub struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    gate_up_proj: Linear,
     down_proj: Linear,
+    intermediate: usize,
     span: tracing::Span,
 }
 
 impl Mlp {
     pub fn load(vb: VarBuilder, cfg: &ModelConfig) -> candle_core::Result<Self> {
+        let (hidden, inter) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            gate_proj: linear(vb.pp("gate_proj"), cfg.hidden_size, cfg.intermediate_size)?,
-            up_proj: linear(vb.pp("up_proj"), cfg.hidden_size, cfg.intermediate_size)?,
-            down_proj: linear(vb.pp("down_proj"), cfg.intermediate_size, cfg.hidden_size)?,
+            gate_up_proj: fused_linear(&vb, &[("gate_proj", inter), ("up_proj", inter)], hidden)?,
+            down_proj: linear(vb.pp("down_proj"), inter, hidden)?,
+            intermediate: inter,
             span: tracing::trace_span!("mlp"),
         })
     }
@@ -159,9 +194,23 @@ impl Mlp {
 impl Module for Mlp {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let _enter = self.span.enter();
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(xs)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(xs)?)?)
+        let gate_up = self.gate_up_proj.forward(xs)?;
+        let hidden = if gate_up.device().is_cpu() && gate_up.dtype() == DType::F32 {
+            gate_up.apply_op1_no_bwd(&SwiGlu)?
+        } else {
+            let gate = candle_nn::ops::silu(&gate_up.narrow(1, 0, self.intermediate)?)?;
+            (gate * gate_up.narrow(1, self.intermediate, self.intermediate)?)?
+        };
+        self.down_proj.forward(&hidden)
     }
+}
+
+/// Each token's rotary rows for one batch, in the form its attention path reads them.
+pub enum BatchRotary<'a> {
+    /// CPU f32: the fused kernel indexes the full tables by position itself.
+    CpuRows(&'a RotaryRows),
+    /// Elsewhere: (tokens, head_dim / 2) cos and sin, gathered by position.
+    PerToken { cos: Tensor, sin: Tensor },
 }
 
 /// Pre-norm residual block: attention then MLP.
@@ -194,13 +243,12 @@ impl DecoderLayer {
     pub fn forward(
         &self,
         xs: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        rotary: &BatchRotary<'_>,
         batch: &PackedBatch,
     ) -> candle_core::Result<Tensor> {
         let attn = self
             .self_attn
-            .forward(&self.input_layernorm.forward(xs)?, cos, sin, batch)?;
+            .forward(&self.input_layernorm.forward(xs)?, rotary, batch)?;
         let xs = (xs + attn)?;
         let mlp = self
             .mlp

@@ -12,11 +12,9 @@ pub struct PackedBatch {
     pub input_ids: Tensor,
     /// (total_tokens,) u32: each token's position inside its sequence, `0..len` per sequence.
     pub positions: Tensor,
-    /// (sequences,) u32 on the CPU: lengths, as the variable-length attention kernels take them.
-    pub seqlens: Tensor,
     lengths: Vec<usize>,
-    offsets: Vec<usize>,
-    max_len: usize,
+    /// `(first row, length)` of each sequence.
+    segments: Vec<(usize, usize)>,
 }
 
 impl PackedBatch {
@@ -35,14 +33,11 @@ impl PackedBatch {
             ids.extend_from_slice(seq);
             positions.extend(0..seq.len() as u32);
         }
-        let seqlens: Vec<u32> = lengths.iter().map(|&l| l as u32).collect();
         Ok(Self {
             input_ids: Tensor::from_vec(ids, total, device)?,
             positions: Tensor::from_vec(positions, total, device)?,
-            seqlens: Tensor::from_vec(seqlens, lengths.len(), &Device::Cpu)?,
-            max_len: lengths.iter().copied().max().unwrap_or(0),
+            segments: offsets.into_iter().zip(lengths.iter().copied()).collect(),
             lengths,
-            offsets,
         })
     }
 
@@ -50,16 +45,14 @@ impl PackedBatch {
         &self.lengths
     }
 
-    pub fn max_len(&self) -> usize {
-        self.max_len
-    }
-
     /// `(first row, length)` of each sequence, in order.
     pub fn segments(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
-        self.offsets
-            .iter()
-            .copied()
-            .zip(self.lengths.iter().copied())
+        self.segments.iter().copied()
+    }
+
+    /// The same as [`Self::segments`], as a slice.
+    pub fn segment_list(&self) -> &[(usize, usize)] {
+        &self.segments
     }
 }
 
@@ -82,7 +75,6 @@ mod tests {
             batch.segments().collect::<Vec<_>>(),
             vec![(0, 3), (3, 1), (4, 2)]
         );
-        assert_eq!(batch.max_len(), 3);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::config::Llama3RopeScaling;
+use super::cpu_kernels::RotaryRows;
 
 /// Per-pair inverse frequencies, `head_dim / 2` of them.
 pub fn inverse_frequencies(
@@ -47,6 +48,8 @@ pub fn inverse_frequencies(
 pub struct RotaryTables {
     pub cos: Tensor,
     pub sin: Tensor,
+    /// The same tables in f32 on the host, for the fused CPU attention.
+    pub rows: RotaryRows,
 }
 
 impl RotaryTables {
@@ -66,9 +69,10 @@ impl RotaryTables {
                 sin.push(angle.sin());
             }
         }
-        let cos = Tensor::from_vec(cos, (max_positions, half), device)?.to_dtype(dtype)?;
-        let sin = Tensor::from_vec(sin, (max_positions, half), device)?.to_dtype(dtype)?;
-        Ok(Self { cos, sin })
+        let rows = RotaryRows { cos, sin, half };
+        let cos = Tensor::from_slice(&rows.cos, (max_positions, half), device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_slice(&rows.sin, (max_positions, half), device)?.to_dtype(dtype)?;
+        Ok(Self { cos, sin, rows })
     }
 
     /// Rows of the tables for each token's position: `positions` (tokens,) u32 ->
