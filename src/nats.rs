@@ -68,8 +68,9 @@ impl NatsConfig {
         }
     }
 
-    /// Connects, retrying the initial connection in the background (the client reports
-    /// `Pending` until the server is reachable) and reconnecting forever afterwards.
+    /// Connects once, failing if no server answers within the 5 s connection timeout (the process
+    /// then exits and its supervisor restarts it: a worker without NATS has nothing to do), and
+    /// reconnects forever once connected.
     pub async fn connect(&self) -> Result<async_nats::Client, NatsConnectError> {
         let mut options = match &self.creds_file {
             Some(path) => async_nats::ConnectOptions::with_credentials_file(path)

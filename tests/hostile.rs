@@ -1126,6 +1126,24 @@ fn assert_alive(worker: &mut WorkerProcess, after: &str) {
     }
 }
 
+/// Runs one case's checks; a failed assertion is recorded under the case's name instead of
+/// stopping the table, so one run reports every failing case.
+async fn record(
+    failures: &mut Vec<String>,
+    name: &str,
+    check: impl std::future::Future<Output = ()>,
+) {
+    use futures::FutureExt;
+    if let Err(panic) = std::panic::AssertUnwindSafe(check).catch_unwind().await {
+        let message = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        failures.push(format!("{name}: {message}"));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_inputs_get_typed_errors_and_the_service_stays_healthy() {
     // 16 MB payloads so the 10 MB inputs reach the worker over NATS.
@@ -1146,9 +1164,11 @@ async fn hostile_inputs_get_typed_errors_and_the_service_stays_healthy() {
     let client = nats_connect(&nats.url()).await;
 
     // NATS: raw bytes to the worker.
+    // Every case runs; failures are collected by name and reported together at the end.
+    let mut failures = Vec::new();
     let nats_table = nats_cases();
     for case in &nats_table {
-        check_nats(&client, case).await;
+        record(&mut failures, case.name, check_nats(&client, case)).await;
         assert_alive(&mut worker, case.name);
     }
     // A request without a reply subject is dropped (nobody to answer), and harms nothing.
@@ -1185,9 +1205,19 @@ async fn hostile_inputs_get_typed_errors_and_the_service_stays_healthy() {
     let http_table = http_cases();
     for case in &http_table {
         let (status, text) = send_http(case, &open, &locked).await;
-        check_http(case, status, text);
+        record(&mut failures, &case.name, async {
+            check_http(case, status, text)
+        })
+        .await;
         assert_alive(&mut worker, &case.name);
     }
+    assert!(
+        failures.is_empty(),
+        "{} of {} hostile cases failed:\n{}",
+        failures.len(),
+        nats_table.len() + http_table.len(),
+        failures.join("\n")
+    );
 
     // Still healthy, still serving.
     assert_eq!(http_get_status(worker.health_port, "/ready"), Some(200));

@@ -416,3 +416,17 @@ impl IntakeArgs {
         })
     }
 }
+
+/// `--log-format` values; the telemetry module itself knows nothing of clap.
+impl clap::ValueEnum for crate::telemetry::LogFormat {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[Self::Text, Self::Json]
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(match self {
+            Self::Text => "text",
+            Self::Json => "json",
+        }))
+    }
+}

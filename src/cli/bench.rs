@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use prometheus::core::Metric;
 
-use crate::engine::{Engine, EngineMetrics, ScoreRequest};
+use crate::engine::{Engine, EngineMetrics, ScoreRequest, Timings};
 use crate::wire::{self, ReplyBody, RerankRequest};
 
 use crate::model::{ChunkPolicy, Truncation, DEFAULT_CHUNK_OVERLAP};
@@ -108,6 +108,31 @@ pub struct BenchReport {
     pub padding_overhead: Option<f64>,
     /// Engine mode only: mean pairs and padded tokens per forward pass, and how many passes.
     pub batches: Option<BatchShapes>,
+    /// Engine mode only: where a request's time went, on average.
+    pub time_split_ms: Option<TimeSplit>,
+}
+
+/// Mean milliseconds per request in each stage (engine mode): tokenization (on the blocking pool,
+/// overlapping other requests' compute), waiting for the device, and on the device.
+#[derive(Debug, Serialize)]
+pub struct TimeSplit {
+    pub tokenize: f64,
+    pub queue: f64,
+    pub inference: f64,
+}
+
+impl TimeSplit {
+    fn mean_of(timings: &[Timings]) -> Self {
+        let n = timings.len().max(1) as f64;
+        let mean = |f: fn(&Timings) -> Duration| {
+            timings.iter().map(|t| f(t).as_secs_f64()).sum::<f64>() * 1e3 / n
+        };
+        Self {
+            tokenize: mean(|t| t.tokenize),
+            queue: mean(|t| t.queue),
+            inference: mean(|t| t.inference),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -291,8 +316,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 }),
                 other => other.into(),
             };
-            let call = engine_call(engine.clone(), truncation);
+            let timings = TimingsSink::default();
+            let call = engine_call(engine.clone(), truncation, Arc::clone(&timings));
             run_callers(warmup, args.concurrency, call.clone()).await;
+            timings.lock().unwrap_or_else(|e| e.into_inner()).clear();
             // The warm-up requests ran through the same instruments: report only the measured run.
             let buckets_before = cumulative_buckets(&metrics.batch_size);
             let (passes_before, pairs_before, padded_before) = (
@@ -318,6 +345,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 mean_padded_tokens: padded / passes.max(1) as f64,
                 pairs_histogram,
             });
+            report.time_split_ms = Some(TimeSplit::mean_of(
+                &timings.lock().unwrap_or_else(|e| e.into_inner()),
+            ));
             report
         }
         BenchMode::Nats => {
@@ -357,12 +387,17 @@ fn cumulative_buckets(histogram: &prometheus::Histogram) -> Vec<(f64, u64)> {
         .collect()
 }
 
+/// Each engine call's [`Timings`], for the time split of the report.
+type TimingsSink = Arc<std::sync::Mutex<Vec<Timings>>>;
+
 fn engine_call(
     engine: Engine,
     truncation: Truncation,
+    timings: TimingsSink,
 ) -> impl Fn(String, Vec<String>) -> CallFuture + Clone + Send + Sync + 'static {
     move |query, documents| {
         let engine = engine.clone();
+        let timings = Arc::clone(&timings);
         Box::pin(async move {
             let started = Instant::now();
             let response = engine
@@ -374,6 +409,10 @@ fn engine_call(
                 })
                 .await
                 .ok()?;
+            timings
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(response.timings);
             Some((
                 started.elapsed(),
                 response.pairs as u64,
@@ -474,5 +513,6 @@ fn summarize(
         latency_ms: percentiles(ok.iter().map(|o| o.0.as_secs_f64() * 1e3).collect()),
         padding_overhead: None,
         batches: None,
+        time_split_ms: None,
     }
 }

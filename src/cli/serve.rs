@@ -157,7 +157,11 @@ async fn start_nats_if_needed(
     }
     if !is_loopback(&host) {
         // Starting a local server would not make a remote URL reachable.
-        tracing::warn!(%host, port, "NATS is not reachable (yet); waiting for it");
+        tracing::warn!(
+            %host,
+            port,
+            "NATS is not reachable; connecting fails unless it answers within the connection timeout"
+        );
         return Ok(None);
     }
     let Some(binary) = find_on_path("nats-server") else {

@@ -54,7 +54,9 @@ impl CustomOp1 for PackedSelfAttention<'_> {
         let (tokens, width) = layout.shape().dims2()?;
         let (heads, kv_heads, d) = (self.heads, self.kv_heads, self.head_dim);
         if width != (heads + 2 * kv_heads) * d || kv_heads == 0 || heads % kv_heads != 0 {
-            candle_core::bail!("packed attention: row width {width} does not fit {heads}/{kv_heads} heads of {d}");
+            candle_core::bail!(
+                "packed attention: row width {width} does not fit {heads}/{kv_heads} heads of {d}"
+            );
         }
         if self.rotary.half * 2 != d {
             candle_core::bail!("packed attention: rotary tables are for another head size");
@@ -63,7 +65,9 @@ impl CustomOp1 for PackedSelfAttention<'_> {
         let mut next_row = 0;
         for &(start, len) in self.segments {
             if start != next_row || len * self.rotary.half > self.rotary.cos.len() {
-                candle_core::bail!("packed attention: segments do not tile the batch or exceed the tables");
+                candle_core::bail!(
+                    "packed attention: segments do not tile the batch or exceed the tables"
+                );
             }
             next_row += len;
         }
@@ -103,7 +107,14 @@ impl CustomOp1 for PackedSelfAttention<'_> {
 impl PackedSelfAttention<'_> {
     /// One sequence, one KV head and its `rep` query heads: returns `(rep·len, d)` outputs, query
     /// head `r`'s rows at `r·len..`.
-    fn attend(&self, qkv: &[f32], width: usize, start: usize, len: usize, group: usize) -> Vec<f32> {
+    fn attend(
+        &self,
+        qkv: &[f32],
+        width: usize,
+        start: usize,
+        len: usize,
+        group: usize,
+    ) -> Vec<f32> {
         let (heads, kv_heads, d) = (self.heads, self.kv_heads, self.head_dim);
         let rep = heads / kv_heads;
         let row = |i: usize, head_slot: usize| &qkv[(start + i) * width + head_slot * d..][..d];
@@ -222,26 +233,105 @@ impl CustomOp1 for SwiGlu {
             .zip(input.par_chunks(width))
             .for_each(|(dst, src)| {
                 let (gate, up) = src.split_at(inner);
-                for ((o, &g), &u) in dst.iter_mut().zip(gate).zip(up) {
-                    *o = g / (1.0 + (-g).exp()) * u;
-                }
+                swiglu(gate, up, dst);
             });
         Ok((CpuStorage::F32(out), Shape::from((tokens, inner))))
     }
 }
 
+#[inline(always)]
+fn swiglu_row(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = g / (1.0 + exp(-g)) * u;
+    }
+}
+
 /// Numerically stable softmax of one row, in place.
-fn softmax_in_place(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for x in row.iter_mut() {
-        *x = (*x - max).exp();
+#[inline(always)]
+fn softmax_row(row: &mut [f32]) {
+    // Eight independent lanes, so the reductions vectorize (float addition is not reassociated).
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut chunks = row.chunks_exact(8);
+    for chunk in &mut chunks {
+        for (lane, &x) in lanes.iter_mut().zip(chunk) {
+            *lane = lane.max(x);
+        }
+    }
+    let max = chunks
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    let mut sums = [0f32; 8];
+    let mut chunks = row.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        for (sum, x) in sums.iter_mut().zip(chunk) {
+            *x = exp(*x - max);
+            *sum += *x;
+        }
+    }
+    let mut sum: f32 = sums.iter().sum();
+    for x in chunks.into_remainder() {
+        *x = exp(*x - max);
         sum += *x;
     }
     let inv = 1.0 / sum;
     for x in row.iter_mut() {
         *x *= inv;
     }
+}
+
+/// `swiglu_row` and `softmax_row` compiled for AVX2 (8 lanes instead of SSE2's 4) when the CPU
+/// has it, else for the baseline. The bodies are `#[inline(always)]` so each copy is compiled with
+/// its own target features.
+macro_rules! dispatch_avx2 {
+    ($(fn $name:ident($($arg:ident: $ty:ty),*) => $body:ident;)*) => {$(
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2")]
+                unsafe fn with_avx2($($arg: $ty),*) {
+                    $body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU was just checked to support AVX2.
+                    unsafe { with_avx2($($arg),*) };
+                    return;
+                }
+            }
+            $body($($arg),*)
+        }
+    )*};
+}
+
+dispatch_avx2! {
+    fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) => swiglu_row;
+    fn softmax_in_place(row: &mut [f32]) => softmax_row;
+}
+
+/// `e^x` in f32 without a libm call, so loops over it vectorize: Cody–Waite reduction
+/// `x = k·ln 2 + r`, |r| ≤ ln2/2, Cephes' degree-6 polynomial for `e^r`, then `2^k` through the
+/// exponent bits. Relative error ≲ 2 ulp on the clamped range; below −87.3 the result is the
+/// smallest normal (~1e-38) instead of a subnormal or 0, which no softmax or sigmoid here can tell.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const LOG2_E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Round to nearest without `round()` (a libm call before SSE4.1).
+    const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23
+    let x = x.clamp(-87.336_55, 88.376_26);
+    let k = (x * LOG2_E + ROUND) - ROUND;
+    let r = x - k * LN2_HI - k * LN2_LO;
+    let p = 1.987_569_1e-4;
+    let p = p * r + 1.398_2e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 0.166_666_65;
+    let p = p * r + 0.5;
+    let e_r = p * r * r + r + 1.0;
+    e_r * f32::from_bits(((k as i32 + 127) as u32) << 23)
 }
 
 fn contiguous_f32<'s>(
@@ -331,7 +421,9 @@ mod tests {
         };
         let q = rope(part(0, heads), heads);
         let k = rope(part(heads, kv_heads), kv_heads);
-        let v = part(heads + kv_heads, kv_heads).reshape((n, kv_heads, d)).unwrap();
+        let v = part(heads + kv_heads, kv_heads)
+            .reshape((n, kv_heads, d))
+            .unwrap();
         let unfused = per_sequence_attention(&q, &k, &v, &batch, 0.35)
             .unwrap()
             .reshape((n, heads * d))
@@ -339,6 +431,20 @@ mod tests {
         assert_eq!(fused.dims(), &[n, heads * d]);
         let worst = max_abs_diff(&fused, &unfused);
         assert!(worst < 1e-5, "fused vs unfused: {worst}");
+    }
+
+    #[test]
+    fn exp_is_within_a_few_ulp_of_libm() {
+        let mut worst = 0f32;
+        for i in -870_000..=880_000 {
+            let x = i as f32 / 10_000.0;
+            let (ours, libm) = (exp(x), x.exp());
+            worst = worst.max(((ours - libm) / libm).abs());
+        }
+        assert!(worst < 4.0 * f32::EPSILON, "relative error {worst}");
+        assert_eq!(exp(0.0), 1.0);
+        assert!(exp(-1000.0) >= 0.0 && exp(-1000.0) < 1e-37);
+        assert!(exp(1000.0).is_finite());
     }
 
     #[test]

@@ -159,8 +159,8 @@ impl Attention {
                 // in the (batch, tokens, heads, d) layout.
                 let q = q.reshape((1, n, heads, head_dim))?;
                 let k = k.reshape((1, n, kv_heads, head_dim))?;
-                let q = candle_nn::rotary_emb::rope_thd(&q, cos, sin)?
-                    .reshape((n, heads, head_dim))?;
+                let q =
+                    candle_nn::rotary_emb::rope_thd(&q, cos, sin)?.reshape((n, heads, head_dim))?;
                 let k = candle_nn::rotary_emb::rope_thd(&k, cos, sin)?
                     .reshape((n, kv_heads, head_dim))?;
                 per_sequence_attention(&q, &k, &v, batch, scale)?.reshape((n, heads * head_dim))?

@@ -3,8 +3,8 @@
 //! Knows nothing of NATS, HTTP, queues or wire formats; takes a device and a dtype from its caller.
 
 mod attention;
-mod cpu_kernels;
 mod config;
+mod cpu_kernels;
 mod cross_encoder;
 mod error;
 mod layers;

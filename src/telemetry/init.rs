@@ -12,8 +12,8 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-/// How log lines are written to stderr.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+/// How log lines are written to stderr (`--log-format text|json`; the CLI maps the names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LogFormat {
     #[default]
     Text,
@@ -52,7 +52,7 @@ fn export_enabled() -> bool {
 
 /// Libraries that log message payloads or HTTP bodies at TRACE; capped at DEBUG unless text
 /// logging was asked for, so `RUST_LOG=trace` cannot leak documents.
-const PAYLOAD_LOGGING_TARGETS: [&str; 5] = ["async_nats", "hyper", "h2", "reqwest", "tower_http"];
+const PAYLOAD_LOGGING_TARGETS: [&str; 4] = ["async_nats", "hyper", "h2", "reqwest"];
 
 /// Installs logging and tracing for a process whose default service name is `service`.
 /// `log_text` allows request text in logs (debugging only).

@@ -66,6 +66,9 @@ pub fn request_span(subject: &str, headers: Option<&HeaderMap>) -> tracing::Span
         messaging.destination.name = %subject,
         rerank.documents = tracing::field::Empty,
         rerank.code = tracing::field::Empty,
+        rerank.tokenize_ms = tracing::field::Empty,
+        rerank.queue_ms = tracing::field::Empty,
+        rerank.inference_ms = tracing::field::Empty,
     );
     propagation::continue_from_nats(&span, headers);
     span
@@ -182,6 +185,12 @@ async fn process(ctx: &HandlerContext, payload: &[u8]) -> Result<RerankReply, Er
         })
         .await
         .map_err(engine_error_reply)?;
+    // Where the time went, on the request's span (a trace shows it without a child span per stage).
+    let current = tracing::Span::current();
+    let timings = response.timings;
+    current.record("rerank.tokenize_ms", timings.tokenize.as_secs_f64() * 1e3);
+    current.record("rerank.queue_ms", timings.queue.as_secs_f64() * 1e3);
+    current.record("rerank.inference_ms", timings.inference.as_secs_f64() * 1e3);
     let spans = request.return_spans.unwrap_or(false).then(|| {
         response
             .spans
