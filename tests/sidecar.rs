@@ -60,13 +60,17 @@ fn f32s(value: &Value) -> Vec<f32> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn seed_example_and_the_rerank_route() {
+/// NATS, one worker that takes at most 4 documents, and a sidecar in front of it.
+async fn seed_stack() -> (NatsServer, WorkerProcess, Sidecar) {
     let nats = NatsServer::start();
-    let _worker = WorkerProcess::start(&nats.url(), &["--max-documents", "4"]);
+    let worker = WorkerProcess::start(&nats.url(), &["--max-documents", "4"]);
     let sidecar = Sidecar::start(&nats.url()).await;
+    (nats, worker, sidecar)
+}
 
-    // The seed's example returns exactly the documented shape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_example_returns_the_documented_shape_and_the_workers_scores() {
+    let (nats, _worker, sidecar) = seed_stack().await;
     let answer = post(&sidecar.url("/rerank"), &seed_request(), None).await;
     assert_eq!(answer.status, 200, "{}", answer.text);
     let body = answer.json();
@@ -86,6 +90,16 @@ async fn seed_example_and_the_rerank_route() {
         .collect::<Vec<_>>();
     let direct = direct_scores(&nats.url(), "AI tools for productivity", &docs).await;
     assert_close(&scores, &direct, 1e-5, "sidecar vs direct NATS");
+    sidecar.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn optional_fields_form_content_type_and_empty_lists() {
+    let (_nats, _worker, sidecar) = seed_stack().await;
+    let ranked = {
+        let body = post(&sidecar.url("/rerank"), &seed_request(), None).await.json();
+        wire::rank(&f32s(&body["scores"]), None)
+    };
 
     // Optional fields pass through.
     let mut with_top_k = seed_request();
@@ -114,6 +128,12 @@ async fn seed_example_and_the_rerank_route() {
     .await;
     assert_eq!(answer.status, 200, "{}", answer.text);
     assert_eq!(answer.json(), json!({"scores": [], "ranked_indices": []}));
+    sidecar.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_typed_json_errors_naming_the_field() {
+    let (_nats, _worker, sidecar) = seed_stack().await;
 
     // Errors: our shape, the right status, the field named.
     let cases: Vec<(&str, reqwest::Body, u16, &str, &str)> = vec![

@@ -26,21 +26,9 @@ use crate::wire::{ErrorCode, ErrorReply};
 /// Seconds a client should wait before trying again after `overloaded` or `unavailable`.
 pub const RETRY_AFTER_SECONDS: u64 = 1;
 
-/// The HTTP status of each wire code. Exhaustive on purpose: a new code must be placed here.
-pub fn status_for(code: ErrorCode) -> StatusCode {
-    match code {
-        ErrorCode::InvalidRequest => StatusCode::BAD_REQUEST,
-        ErrorCode::TooManyDocuments => StatusCode::BAD_REQUEST,
-        ErrorCode::DocumentTooLong => StatusCode::BAD_REQUEST,
-        ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-        ErrorCode::Overloaded => StatusCode::TOO_MANY_REQUESTS,
-        ErrorCode::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
-        ErrorCode::ModelError => StatusCode::INTERNAL_SERVER_ERROR,
-        ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-        ErrorCode::Timeout => StatusCode::GATEWAY_TIMEOUT,
-        ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
-        ErrorCode::NotFound => StatusCode::NOT_FOUND,
-    }
+/// The HTTP status of a wire code: [`ErrorCode::status`] is the one table.
+fn status_for(code: ErrorCode) -> StatusCode {
+    StatusCode::from_u16(code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
 }
 
 /// Whether the answer carries `Retry-After` (the failures that go away by themselves).
