@@ -68,6 +68,12 @@ impl Intake {
         start_worker(nats_url, self.worker_args()).await
     }
 
+    /// Two workers, started at once (each start loads the model).
+    async fn start_two_workers(self, nats_url: &str) -> [WorkerProcess; 2] {
+        let (a, b) = tokio::join!(self.start_worker(nats_url), self.start_worker(nats_url));
+        [a, b]
+    }
+
     fn transport(
         self,
         builder: RerankClientBuilder,
@@ -590,8 +596,7 @@ async fn sigkill_then_restart(intake: Intake) {
     let name = intake.label("sigkill");
     let step = intake.step();
     let nats = intake.nats(&[]);
-    let mut first = intake.start_worker(&nats.url()).await;
-    let mut second = intake.start_worker(&nats.url()).await;
+    let [mut first, mut second] = intake.start_two_workers(&nats.url()).await;
     let sidecar = intake.sidecar(&nats.url(), Duration::from_secs(3)).await;
     assert_eq!(
         wait_health(&sidecar, 200, Duration::from_secs(10)).await.0,
@@ -673,10 +678,7 @@ async fn nats_restart(intake: Intake) {
     let name = intake.label("nats-restart");
     let step = intake.step();
     let mut nats = intake.nats(&[]);
-    let workers = [
-        intake.start_worker(&nats.url()).await,
-        intake.start_worker(&nats.url()).await,
-    ];
+    let workers = intake.start_two_workers(&nats.url()).await;
     let sidecar = intake.sidecar(&nats.url(), Duration::from_secs(3)).await;
     let reference = intake_reference_scores(intake, &nats.url()).await;
     let retrying = |timeout: u64| {
@@ -783,8 +785,7 @@ async fn sigterm_drain(intake: Intake) {
     let step = intake.step();
     let monitor_port = free_port();
     let nats = intake.nats(&["-m", &monitor_port.to_string()]);
-    let mut leaving = intake.start_worker(&nats.url()).await;
-    let staying = intake.start_worker(&nats.url()).await;
+    let [mut leaving, staying] = intake.start_two_workers(&nats.url()).await;
     let reference = intake_reference_scores(intake, &nats.url()).await;
     // Core: retries with a short per-attempt timeout: a request lost on its way into the leaving
     // worker costs one retry (counted below), not a failure. JetStream: no retries.

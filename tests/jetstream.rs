@@ -525,7 +525,11 @@ async fn a_cluster_node_killed_under_load_loses_nothing() {
     let urls = cluster.urls();
     let raw = connect_service(&urls).await;
     let js = &jetstream::new(raw.clone());
-    // The cluster can place an R3 stream once its nodes have met and elected a meta leader.
+    // The cluster can place an R3 stream once its nodes have met and elected a meta leader
+    // (asked with a short timeout: until then a request may go unanswered).
+    let impatient = &jetstream::ContextBuilder::new()
+        .timeout(Duration::from_millis(250))
+        .build(raw.clone());
     wait_until("the JetStream cluster places an R3 stream", || async move {
         let probe = jetstream::stream::Config {
             name: "PROBE".into(),
@@ -533,8 +537,8 @@ async fn a_cluster_node_killed_under_load_loses_nothing() {
             num_replicas: NODES,
             ..Default::default()
         };
-        match js.get_or_create_stream(probe).await {
-            Ok(_) => js.delete_stream("PROBE").await.is_ok(),
+        match impatient.get_or_create_stream(probe).await {
+            Ok(_) => impatient.delete_stream("PROBE").await.is_ok(),
             Err(_) => false,
         }
     })
@@ -545,20 +549,22 @@ async fn a_cluster_node_killed_under_load_loses_nothing() {
         .copied()
         .chain(["--stream-replicas", "3"])
         .collect();
-    let mut workers = Vec::new();
-    for _ in 0..2 {
-        let (urls, args) = (
-            urls.clone(),
-            args.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-        );
-        workers.push(
+    // Both at once: each creates the stream unless the other already has.
+    let starting: Vec<_> = (0..2)
+        .map(|_| {
+            let (urls, args) = (
+                urls.clone(),
+                args.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            );
             tokio::task::spawn_blocking(move || {
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 WorkerProcess::start(&urls, &args)
             })
-            .await
-            .expect("worker start"),
-        );
+        })
+        .collect();
+    let mut workers = Vec::new();
+    for worker in starting {
+        workers.push(worker.await.expect("worker start"));
     }
     let stream_info = || async move {
         let mut stream = js.get_stream(DEFAULT_STREAM).await.expect("stream");
