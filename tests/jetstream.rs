@@ -461,6 +461,19 @@ async fn queued_jobs_survive_a_server_restart() {
     assert_eq!(answered, 5);
 }
 
+/// No stream capturing the jobs subject (or no JetStream at all) is `unavailable`, not a wait for
+/// the caller's timeout: only a stream that exists but has no leader yet (test 8) is waited for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_stream_is_unavailable() {
+    for nats in [NatsServer::start_jetstream(), NatsServer::start()] {
+        let client = jetstream_client(nats_connect(&nats.url()).await, LIMIT);
+        let error = within(LIMIT * 2, "no stream", client.rerank("q", ["d"]))
+            .await
+            .expect_err("no stream");
+        assert_eq!(error.kind(), RerankErrorKind::Unavailable, "{error}");
+    }
+}
+
 /// A stream that exists with settings the job queue cannot use stops the worker with a clear error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_incompatible_stream_is_refused_at_start() {

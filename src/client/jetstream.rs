@@ -18,7 +18,9 @@ use std::error::Error as _;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use async_nats::jetstream::context::{GetStreamByNameErrorKind, PublishErrorKind};
+use async_nats::jetstream::context::{
+    GetStreamByNameErrorKind, PublishErrorKind, RequestError, RequestErrorKind,
+};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::HeaderMap;
 use bytes::Bytes;
@@ -218,11 +220,14 @@ impl JetStreamTransport {
     }
 }
 
-/// Whether "no responders" is somewhere in `error`'s chain (here: no JetStream on the server).
+/// Whether a JetStream API request in `error`'s chain had no responders (no JetStream on the
+/// server).
 fn caused_by_no_responders(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut cause = Some(error);
     while let Some(e) = cause {
-        if e.to_string().contains("no responders") {
+        if e.downcast_ref::<RequestError>()
+            .is_some_and(|e| e.kind() == RequestErrorKind::NoResponders)
+        {
             return true;
         }
         cause = e.source();
