@@ -94,14 +94,17 @@ impl JetStreamTransport {
                 .await?;
             let mut check = tokio::time::interval(RECONNECT_CHECK);
             let mut asked = 1u32;
+            let reply = |message: Option<async_nats::Message>| match message {
+                Some(message) => decode(&message),
+                None => Err(RerankError::Connection(
+                    "the reply subscription ended".into(),
+                )),
+            };
             loop {
                 tokio::select! {
-                    message = replies.next() => break match message {
-                        Some(message) => decode(&message),
-                        None => Err(RerankError::Connection(
-                            "the reply subscription ended".into(),
-                        )),
-                    },
+                    // A reply that has arrived wins over the deadline.
+                    biased;
+                    message = replies.next() => break reply(message),
                     () = tokio::time::sleep_until(deadline) => break Err(RerankError::Timeout { timeout }),
                     _ = check.tick() => {
                         let now = connects();
@@ -116,8 +119,16 @@ impl JetStreamTransport {
                         asked += 1;
                         let again = reask_headers(&headers, &job_id, asked, deadline);
                         tracing::debug!(asked, "reconnected while waiting for a job's reply; publishing it again");
-                        self.publish(subject, &payload, &again, deadline, timeout, size)
-                            .await?;
+                        // Best effort, and the first job's reply may come meanwhile.
+                        tokio::select! {
+                            biased;
+                            message = replies.next() => break reply(message),
+                            asked_again = self.publish(subject, &payload, &again, deadline, timeout, size) => {
+                                if let Err(e) = asked_again {
+                                    tracing::debug!(error = %e, "could not publish the job again");
+                                }
+                            }
+                        }
                     }
                 }
             }
