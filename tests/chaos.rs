@@ -9,6 +9,13 @@
 //! - overload with tiny queues: fast `overloaded` / 429 + Retry-After, never a timeout;
 //! - a slow model step: deadlines respected, abandoned work never computed.
 //!
+//! The worker-kill, NATS-restart and SIGTERM schedules also run against the JetStream intake
+//! (issue 12, test 9; the `_jetstream` tests): same schedule and load, but the callers do not retry
+//! at all (`retries(0)`, HTTP through a sidecar with `--transport jetstream`), the workers use
+//! `--intake jetstream --ack-wait 2`, and the server keeps its store across the restart. Nothing
+//! may be lost: a killed worker's jobs are delivered again to another, a drained worker answers
+//! every job it pulled, and a caller that reconnected while waiting asks again.
+//!
 //! Every wait is bounded. The tests take a shared lock so they run one at a time (they measure
 //! memory and share a few CPU cores). Each prints one `chaos <name>:` line with its figures.
 //!
@@ -25,9 +32,107 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use rerank_service::client::{RerankClient, RerankClientBuilder, RerankErrorKind};
+use rerank_service::jobs::{JobStream, DEFAULT_JOBS_SUBJECT};
 use rerank_service::nats::NatsConfig;
+use rerank_service::sidecar::SidecarConfig;
 use rerank_service::wire;
 use stack::*;
+
+/// Where the workers take requests from; the fault schedules run against both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Intake {
+    /// Core request-reply; callers recover what a fault loses by retrying.
+    Core,
+    /// The durable JetStream work queue; callers do not retry.
+    JetStream,
+}
+
+impl Intake {
+    /// A nats-server for this intake (JetStream with a store kept across restarts).
+    fn nats(self, extra_args: &[&str]) -> NatsServer {
+        match self {
+            Intake::Core => NatsServer::start_with(extra_args),
+            Intake::JetStream => NatsServer::start_jetstream_with(extra_args),
+        }
+    }
+
+    /// Worker flags: a short ack_wait, so a killed worker's jobs come back within seconds.
+    fn worker_args(self) -> &'static [&'static str] {
+        match self {
+            Intake::Core => &[],
+            Intake::JetStream => &["--intake", "jetstream", "--ack-wait", "2"],
+        }
+    }
+
+    async fn start_worker(self, nats_url: &str) -> WorkerProcess {
+        start_worker(nats_url, self.worker_args()).await
+    }
+
+    /// Two workers, started at once (each start loads the model).
+    async fn start_two_workers(self, nats_url: &str) -> [WorkerProcess; 2] {
+        let (a, b) = tokio::join!(self.start_worker(nats_url), self.start_worker(nats_url));
+        [a, b]
+    }
+
+    fn transport(
+        self,
+        builder: RerankClientBuilder,
+        nats: async_nats::Client,
+    ) -> RerankClientBuilder {
+        match self {
+            Intake::Core => builder.nats(nats, wire::SUBJECT_V1),
+            Intake::JetStream => builder.jetstream(nats, DEFAULT_JOBS_SUBJECT),
+        }
+    }
+
+    /// The callers' policy: core callers as given (they retry); JetStream callers never retry
+    /// and wait as long as a job may take to come back (redelivery, a worker restart).
+    fn callers(
+        self,
+        core: impl Fn(RerankClientBuilder) -> RerankClientBuilder,
+    ) -> impl Fn(RerankClientBuilder) -> RerankClientBuilder {
+        move |b| match self {
+            Intake::Core => core(b),
+            Intake::JetStream => b.retries(0).timeout(Duration::from_secs(60)),
+        }
+    }
+
+    /// A sidecar on this intake's transport, with `timeout` for core (JetStream: 60 s).
+    async fn sidecar(self, nats_url: &str, timeout: Duration) -> Sidecar {
+        Sidecar::start_with(nats_url, |c: &mut SidecarConfig| match self {
+            Intake::Core => c.request_timeout = timeout,
+            Intake::JetStream => {
+                c.jetstream = Some(JobStream::default());
+                c.request_timeout = Duration::from_secs(60);
+            }
+        })
+        .await
+    }
+
+    /// Successes waited for between the steps of a schedule (fewer for JetStream: its variants
+    /// add to the suite's time, and every JetStream request counts against the 0-lost bound).
+    fn step(self) -> u64 {
+        match self {
+            Intake::Core => 100,
+            Intake::JetStream => 30,
+        }
+    }
+
+    /// (NATS callers, HTTP callers).
+    fn load(self) -> (usize, usize) {
+        match self {
+            Intake::Core => (24, 8),
+            Intake::JetStream => (12, 4),
+        }
+    }
+
+    fn label(self, schedule: &str) -> String {
+        match self {
+            Intake::Core => schedule.to_string(),
+            Intake::JetStream => format!("{schedule}-jetstream"),
+        }
+    }
+}
 
 /// One chaos test at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -139,9 +244,19 @@ async fn nats_clients(
     n: usize,
     configure: impl Fn(RerankClientBuilder) -> RerankClientBuilder,
 ) -> Vec<RerankClient> {
+    intake_clients(Intake::Core, url, n, configure).await
+}
+
+/// `n` clients of `intake`'s transport, each on its own NATS connection.
+async fn intake_clients(
+    intake: Intake,
+    url: &str,
+    n: usize,
+    configure: impl Fn(RerankClientBuilder) -> RerankClientBuilder,
+) -> Vec<RerankClient> {
     let mut clients = Vec::with_capacity(n);
     for _ in 0..n {
-        let builder = RerankClient::builder().nats(connect(url).await, wire::SUBJECT_V1);
+        let builder = intake.transport(RerankClient::builder(), connect(url).await);
         clients.push(configure(builder).build().expect("client"));
     }
     clients
@@ -165,8 +280,12 @@ fn http_clients(
 /// Scores of every query against `DOCUMENTS`, from a quiet pool: the reference that every answer
 /// under load must match (a reply delivered to the wrong caller would not).
 async fn reference_scores(url: &str) -> Arc<Vec<Vec<f32>>> {
-    let client = RerankClient::builder()
-        .nats(connect(url).await, wire::SUBJECT_V1)
+    intake_reference_scores(Intake::Core, url).await
+}
+
+async fn intake_reference_scores(intake: Intake, url: &str) -> Arc<Vec<Vec<f32>>> {
+    let client = intake
+        .transport(RerankClient::builder(), connect(url).await)
         .retries(5)
         .backoff_base(Duration::from_millis(100))
         .timeout(Duration::from_secs(20))
@@ -200,7 +319,7 @@ struct Tally {
 
 /// Callers that each send their next request as soon as the previous one is answered.
 struct Load {
-    name: &'static str,
+    name: String,
     stop: Arc<AtomicBool>,
     tally: Arc<Tally>,
     tasks: tokio::task::JoinSet<()>,
@@ -254,7 +373,7 @@ impl Summary {
 
 impl Load {
     fn start(
-        name: &'static str,
+        name: impl Into<String>,
         clients: Vec<RerankClient>,
         reference: Arc<Vec<Vec<f32>>>,
     ) -> Self {
@@ -305,7 +424,7 @@ impl Load {
             });
         }
         Self {
-            name,
+            name: name.into(),
             stop,
             tally,
             tasks,
@@ -342,7 +461,7 @@ impl Load {
     async fn finish(mut self, limit: Duration) -> Summary {
         self.stop.store(true, Ordering::Relaxed);
         let seconds = self.started.elapsed().as_secs_f64();
-        let name = self.name;
+        let name = self.name.clone();
         within(limit, "callers finish their last call", async {
             while let Some(joined) = self.tasks.join_next().await {
                 joined.unwrap_or_else(|e| panic!("{name}: a caller panicked: {e}"));
@@ -443,28 +562,61 @@ async fn sustained_load_has_no_failures_and_flat_memory() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_sigkill_under_load_then_restart_loses_nothing() {
+    sigkill_then_restart(Intake::Core).await;
+}
+
+/// Test 9 of issue 12: the same schedule on the JetStream intake, callers that never retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_sigkill_under_load_then_restart_loses_nothing_jetstream() {
+    sigkill_then_restart(Intake::JetStream).await;
+}
+
+/// Polls the sidecar's `/health` until `wanted` holds; returns (whether it did, time taken).
+async fn wait_health_until(
+    sidecar: &Sidecar,
+    limit: Duration,
+    wanted: impl Fn(&Answer) -> bool,
+) -> (bool, Duration) {
+    let start = Instant::now();
+    loop {
+        let answer = get(&sidecar.url("/health"), None).await;
+        if wanted(&answer) {
+            return (true, start.elapsed());
+        }
+        if start.elapsed() > limit {
+            return (false, start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Two workers, one SIGKILLed, then the other, then a new one: nothing lost.
+async fn sigkill_then_restart(intake: Intake) {
     let _serial = SERIAL.lock().await;
-    let nats = NatsServer::start();
-    let mut first = start_worker(&nats.url(), &[]).await;
-    let mut second = start_worker(&nats.url(), &[]).await;
-    let sidecar =
-        Sidecar::start_with(&nats.url(), |c| c.request_timeout = Duration::from_secs(3)).await;
+    let name = intake.label("sigkill");
+    let step = intake.step();
+    let nats = intake.nats(&[]);
+    let [mut first, mut second] = intake.start_two_workers(&nats.url()).await;
+    let sidecar = intake.sidecar(&nats.url(), Duration::from_secs(3)).await;
     assert_eq!(
         wait_health(&sidecar, 200, Duration::from_secs(10)).await.0,
         200
     );
-    let reference = reference_scores(&nats.url()).await;
-    // Enough retries with a small backoff to ride out a worker restart (seconds): waits of 50 ms
-    // doubling, 10 retries.
-    let retrying = |b: RerankClientBuilder, timeout: u64| {
-        b.retries(10)
-            .backoff_base(Duration::from_millis(50))
-            .timeout(Duration::from_secs(timeout))
+    let reference = intake_reference_scores(intake, &nats.url()).await;
+    // Core: enough retries with a small backoff to ride out a worker restart (seconds): waits of
+    // 50 ms doubling, 10 retries. JetStream: no retries.
+    let retrying = |timeout: u64| {
+        intake.callers(move |b: RerankClientBuilder| {
+            b.retries(10)
+                .backoff_base(Duration::from_millis(50))
+                .timeout(Duration::from_secs(timeout))
+        })
     };
-    let mut clients = nats_clients(&nats.url(), 24, |b| retrying(b, 3)).await;
-    clients.extend(http_clients(&sidecar, 8, |b| retrying(b, 10)));
-    let load = Load::start("sigkill", clients, reference);
-    load.wait_for_successes(100, Duration::from_secs(30), "warm-up")
+    let (over_nats, over_http) = intake.load();
+    let mut clients = intake_clients(intake, &nats.url(), over_nats, retrying(3)).await;
+    clients.extend(http_clients(&sidecar, over_http, retrying(10)));
+    let load = Load::start(name.clone(), clients, reference);
+    load.wait_for_successes(step, Duration::from_secs(30), "warm-up")
         .await;
 
     // One of two workers dies: the pool stays healthy and keeps serving.
@@ -475,52 +627,72 @@ async fn worker_sigkill_under_load_then_restart_loses_nothing() {
         assert_eq!(answer.status, 200, "one worker is left: {}", answer.text);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    load.wait_for_successes(100, Duration::from_secs(30), "one worker left")
+    load.wait_for_successes(step, Duration::from_secs(30), "one worker left")
         .await;
 
-    // The last one dies: /health says so within seconds; a new worker brings it back.
+    // The last one dies: /health says so within seconds (core: 503; JetStream: 200 without a
+    // model, since requests are still accepted and wait); a new worker brings it back.
     second.signal("KILL");
     assert_eq!(wait_exit(&mut second, Duration::from_secs(5)), None);
-    let (status, down_after) = wait_health(&sidecar, 503, Duration::from_secs(5)).await;
-    assert_eq!(status, 503, "no worker left, /health must say so");
-    let restarted = start_worker(&nats.url(), &[]).await;
-    let (status, up_after) = wait_health(&sidecar, 200, Duration::from_secs(5)).await;
-    assert_eq!(status, 200, "a new worker is ready, /health must say so");
-    load.wait_for_successes(100, Duration::from_secs(60), "after the restart")
+    let none_left = |a: &Answer| match intake {
+        Intake::Core => a.status == 503,
+        Intake::JetStream => a.status == 200 && a.json()["model_loaded"] == false,
+    };
+    let (down, down_after) = wait_health_until(&sidecar, Duration::from_secs(5), none_left).await;
+    assert!(down, "no worker left, /health must say so");
+    let restarted = intake.start_worker(&nats.url()).await;
+    let serving = |a: &Answer| a.status == 200 && a.json()["model_loaded"] == true;
+    let (up, up_after) = wait_health_until(&sidecar, Duration::from_secs(5), serving).await;
+    assert!(up, "a new worker is ready, /health must say so");
+    load.wait_for_successes(step, Duration::from_secs(60), "after the restart")
         .await;
     let summary = load.finish(Duration::from_secs(90)).await;
+    let redelivered = worker_metric(&restarted, "rerank_jobs_redelivered_total", &[]);
     summary.print(
-        "sigkill",
+        &name,
         &format!(
-            "; 2 SIGKILLs + 1 restart; /health 200 with one worker left, 503 {} ms after the last died, 200 {} ms after the new one was ready",
+            "; 2 SIGKILLs + 1 restart; /health 200 with one worker left, no-worker answer {} ms after the last died, 200 with a model {} ms after the new one was ready; {redelivered} jobs redelivered to the new worker",
             down_after.as_millis(),
             up_after.as_millis()
         ),
     );
-    summary.assert_nothing_lost("sigkill");
+    summary.assert_nothing_lost(&name);
     assert!(worker_metric(&restarted, "rerank_requests_total", &["code=\"ok\""]) >= 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_server_restart_under_load_everyone_reconnects() {
+    nats_restart(Intake::Core).await;
+}
+
+/// Test 9 of issue 12: the same schedule on the JetStream intake (the store survives the
+/// restart), callers that never retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_server_restart_under_load_everyone_reconnects_jetstream() {
+    nats_restart(Intake::JetStream).await;
+}
+
+/// The NATS server restarted under load: everyone reconnects, nothing lost.
+async fn nats_restart(intake: Intake) {
     let _serial = SERIAL.lock().await;
-    let mut nats = NatsServer::start();
-    let workers = [
-        start_worker(&nats.url(), &[]).await,
-        start_worker(&nats.url(), &[]).await,
-    ];
-    let sidecar =
-        Sidecar::start_with(&nats.url(), |c| c.request_timeout = Duration::from_secs(3)).await;
-    let reference = reference_scores(&nats.url()).await;
-    let retrying = |b: RerankClientBuilder, timeout: u64| {
-        b.retries(10)
-            .backoff_base(Duration::from_millis(50))
-            .timeout(Duration::from_secs(timeout))
+    let name = intake.label("nats-restart");
+    let step = intake.step();
+    let mut nats = intake.nats(&[]);
+    let workers = intake.start_two_workers(&nats.url()).await;
+    let sidecar = intake.sidecar(&nats.url(), Duration::from_secs(3)).await;
+    let reference = intake_reference_scores(intake, &nats.url()).await;
+    let retrying = |timeout: u64| {
+        intake.callers(move |b: RerankClientBuilder| {
+            b.retries(10)
+                .backoff_base(Duration::from_millis(50))
+                .timeout(Duration::from_secs(timeout))
+        })
     };
-    let mut clients = nats_clients(&nats.url(), 24, |b| retrying(b, 3)).await;
-    clients.extend(http_clients(&sidecar, 8, |b| retrying(b, 10)));
-    let load = Load::start("nats-restart", clients, reference);
-    load.wait_for_successes(100, Duration::from_secs(30), "warm-up")
+    let (over_nats, over_http) = intake.load();
+    let mut clients = intake_clients(intake, &nats.url(), over_nats, retrying(3)).await;
+    clients.extend(http_clients(&sidecar, over_http, retrying(10)));
+    let load = Load::start(name.clone(), clients, reference);
+    load.wait_for_successes(step, Duration::from_secs(30), "warm-up")
         .await;
 
     let restarted_at = Instant::now();
@@ -551,10 +723,10 @@ async fn nats_server_restart_under_load_everyone_reconnects() {
     let (status, _) = wait_health(&sidecar, 200, Duration::from_secs(10)).await;
     assert_eq!(status, 200, "discovery works again after the restart");
     let reconnected_after = restarted_at.elapsed();
-    // Both workers serve again (their queue subscriptions were restored).
+    // Both workers serve again (their subscriptions, or pulls, were restored).
     let served = |w: &WorkerProcess| worker_metric(w, "rerank_requests_total", &["code=\"ok\""]);
     let before: Vec<f64> = workers.iter().map(served).collect();
-    load.wait_for_successes(200, Duration::from_secs(60), "after the restart")
+    load.wait_for_successes(2 * step, Duration::from_secs(60), "after the restart")
         .await;
     for (i, worker) in workers.iter().enumerate() {
         assert!(
@@ -563,14 +735,24 @@ async fn nats_server_restart_under_load_everyone_reconnects() {
         );
     }
     let summary = load.finish(Duration::from_secs(90)).await;
+    let jobs =
+        |metric: &str| -> f64 { workers.iter().map(|w| worker_metric(w, metric, &[])).sum() };
+    let redelivery = match intake {
+        Intake::Core => String::new(),
+        Intake::JetStream => format!(
+            "; jobs redelivered {}, replied again {}",
+            jobs("rerank_jobs_redelivered_total"),
+            jobs("rerank_jobs_replied_again_total"),
+        ),
+    };
     summary.print(
-        "nats-restart",
+        &name,
         &format!(
-            "; 1 NATS restart; sidecar and 2 workers reconnected, /health 200 again {} ms after the restart",
-            reconnected_after.as_millis()
+            "; 1 NATS restart; sidecar and 2 workers reconnected, /health 200 again {} ms after the restart{redelivery}",
+            reconnected_after.as_millis(),
         ),
     );
-    summary.assert_nothing_lost("nats-restart");
+    summary.assert_nothing_lost(&name);
 }
 
 /// Messages the NATS server sent to (`out_msgs`) and received from (`in_msgs`) the closed
@@ -593,23 +775,40 @@ fn closed_connection_msgs(monitor_port: u16, name: &str) -> (u64, u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_drains_and_the_other_worker_takes_over() {
+    sigterm_drain(Intake::Core).await;
+}
+
+/// Test 9 of issue 12: the same schedule on the JetStream intake, callers that never retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_drains_and_the_other_worker_takes_over_jetstream() {
+    sigterm_drain(Intake::JetStream).await;
+}
+
+/// SIGTERM under load: the leaving worker answers what it took, exits 0, the other takes over.
+async fn sigterm_drain(intake: Intake) {
     let _serial = SERIAL.lock().await;
+    let name = intake.label("sigterm");
+    let step = intake.step();
     let monitor_port = free_port();
-    let nats = NatsServer::start_with(&["-m", &monitor_port.to_string()]);
-    let mut leaving = start_worker(&nats.url(), &[]).await;
-    let staying = start_worker(&nats.url(), &[]).await;
-    let reference = reference_scores(&nats.url()).await;
-    // Retries with a short per-attempt timeout: a request lost on its way into the leaving worker
-    // costs one retry (counted below), not a failure.
-    let clients = nats_clients(&nats.url(), 32, |b| {
-        b.retries(3)
-            .backoff_base(Duration::from_millis(50))
-            .timeout(Duration::from_secs(3))
-    })
+    let nats = intake.nats(&["-m", &monitor_port.to_string()]);
+    let [mut leaving, staying] = intake.start_two_workers(&nats.url()).await;
+    let reference = intake_reference_scores(intake, &nats.url()).await;
+    // Core: retries with a short per-attempt timeout: a request lost on its way into the leaving
+    // worker costs one retry (counted below), not a failure. JetStream: no retries.
+    let clients = intake_clients(
+        intake,
+        &nats.url(),
+        intake.load().0 + intake.load().1,
+        intake.callers(|b| {
+            b.retries(3)
+                .backoff_base(Duration::from_millis(50))
+                .timeout(Duration::from_secs(3))
+        }),
+    )
     .await;
     let stats = clients.clone();
-    let load = Load::start("sigterm", clients, reference);
-    load.wait_for_successes(100, Duration::from_secs(30), "warm-up")
+    let load = Load::start(name.clone(), clients, reference);
+    load.wait_for_successes(step, Duration::from_secs(30), "warm-up")
         .await;
     // Stop it while it holds requests.
     let mut held = 0.0;
@@ -628,7 +827,7 @@ async fn sigterm_under_load_drains_and_the_other_worker_takes_over() {
     let served = |w: &WorkerProcess| worker_metric(w, "rerank_requests_total", &["code=\"ok\""]);
     let at_exit = served(&staying);
     let ok_at_exit = load.ok();
-    load.wait_for_successes(100, Duration::from_secs(30), "after the exit")
+    load.wait_for_successes(step, Duration::from_secs(30), "after the exit")
         .await;
     let taken_over = served(&staying) - at_exit;
     let summary = load.finish(Duration::from_secs(60)).await;
@@ -636,16 +835,30 @@ async fn sigterm_under_load_drains_and_the_other_worker_takes_over() {
         .iter()
         .map(|c| c.stats().attempts - c.stats().requests)
         .sum();
+    if intake == Intake::JetStream {
+        let redelivered = worker_metric(&staying, "rerank_jobs_redelivered_total", &[]);
+        summary.print(
+            &name,
+            &format!(
+                "; 1 SIGTERM with {held} requests in flight, exit 0; {retries} retried attempts; {redelivered} jobs redelivered to the other worker, which answered {taken_over} requests after the exit"
+            ),
+        );
+        summary.assert_nothing_lost(&name);
+        assert_eq!(retries, 0, "JetStream callers do not retry");
+        assert!(summary.ok > ok_at_exit, "success continued after the exit");
+        assert!(taken_over >= step as f64, "the remaining worker took over");
+        return;
+    }
     // Every request the server delivered to the leaving worker, against every reply it sent
     // (the worker publishes nothing else in this test).
     let (delivered, answered) = closed_connection_msgs(monitor_port, &leaving_name);
     summary.print(
-        "sigterm",
+        &name,
         &format!(
             "; 1 SIGTERM with {held} requests in flight, exit 0; leaving worker: {delivered} requests delivered, {answered} answered; {retries} retried attempts; the other worker answered {taken_over} requests after the exit"
         ),
     );
-    summary.assert_nothing_lost("sigterm");
+    summary.assert_nothing_lost(&name);
     assert!(summary.ok > ok_at_exit, "success continued after the exit");
     assert!(taken_over >= 100.0, "the remaining worker took over");
     assert!(answered <= delivered, "more replies than requests");

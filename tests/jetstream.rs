@@ -5,12 +5,13 @@
 mod common;
 mod stack;
 
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use bytes::Bytes;
-use common::{golden, http_get, metric_sum, within, NatsServer, WorkerProcess};
+use common::{golden, http_get, metric_sum, within, NatsCluster, NatsServer, WorkerProcess};
 use futures::StreamExt;
 use rerank_service::client::{RerankClient, RerankErrorKind};
 use rerank_service::jobs::{JobStream, DEFAULT_CONSUMER, DEFAULT_JOBS_SUBJECT, DEFAULT_STREAM};
@@ -460,6 +461,19 @@ async fn queued_jobs_survive_a_server_restart() {
     assert_eq!(answered, 5);
 }
 
+/// No stream capturing the jobs subject (or no JetStream at all) is `unavailable`, not a wait for
+/// the caller's timeout: only a stream that exists but has no leader yet (test 8) is waited for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_stream_is_unavailable() {
+    for nats in [NatsServer::start_jetstream(), NatsServer::start()] {
+        let client = jetstream_client(nats_connect(&nats.url()).await, LIMIT);
+        let error = within(LIMIT * 2, "no stream", client.rerank("q", ["d"]))
+            .await
+            .expect_err("no stream");
+        assert_eq!(error.kind(), RerankErrorKind::Unavailable, "{error}");
+    }
+}
+
 /// A stream that exists with settings the job queue cannot use stops the worker with a clear error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_incompatible_stream_is_refused_at_start() {
@@ -492,4 +506,196 @@ async fn an_incompatible_stream_is_refused_at_start() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("cannot serve as the job queue"), "{stderr}");
+}
+
+/// A connection with the service's own options (every URL of a cluster, fast reconnect).
+async fn connect_service(urls: &str) -> async_nats::Client {
+    within(
+        LIMIT,
+        "connect to nats",
+        rerank_service::nats::NatsConfig::new(urls).connect(),
+    )
+    .await
+    .expect("connect")
+}
+
+/// 8. Cluster: three nats-server nodes on loopback, the job stream replicated on all three (R3,
+/// created by the workers from `--stream-replicas 3`). Workers and callers get every node's URL.
+/// Under load from callers that do not retry, the node leading the stream is SIGKILLed: the
+/// stream and its consumer elect a new leader, clients connected to the dead node reconnect to
+/// another, and every request is answered exactly once (each call returns one result, with the
+/// scores of its own query), none lost.
+///
+/// Killing the leader is the hardest choice: in-flight publishes, pulls and acks all go through
+/// it. Callers that were connected to it ask again after reconnecting (client::jetstream), and
+/// workers that were reply again; the duplicates this makes are counted and ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cluster_node_killed_under_load_loses_nothing() {
+    const NODES: usize = 3;
+    const CALLERS: usize = 24;
+    let began = Instant::now();
+    let mut cluster = NatsCluster::start(NODES);
+    let urls = cluster.urls();
+    let raw = connect_service(&urls).await;
+    let js = &jetstream::new(raw.clone());
+    // The cluster can place an R3 stream once its nodes have met and elected a meta leader
+    // (asked with a short timeout: until then a request may go unanswered).
+    let impatient = &jetstream::ContextBuilder::new()
+        .timeout(Duration::from_millis(250))
+        .build(raw.clone());
+    wait_until("the JetStream cluster places an R3 stream", || async move {
+        let probe = jetstream::stream::Config {
+            name: "PROBE".into(),
+            subjects: vec!["probe.ready".into()],
+            num_replicas: NODES,
+            ..Default::default()
+        };
+        match impatient.get_or_create_stream(probe).await {
+            Ok(_) => impatient.delete_stream("PROBE").await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await;
+
+    let args: Vec<&str> = JS_WORKER
+        .iter()
+        .copied()
+        .chain(["--stream-replicas", "3"])
+        .collect();
+    // Both at once: each creates the stream unless the other already has.
+    let starting: Vec<_> = (0..2)
+        .map(|_| {
+            let (urls, args) = (
+                urls.clone(),
+                args.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            );
+            tokio::task::spawn_blocking(move || {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                WorkerProcess::start(&urls, &args)
+            })
+        })
+        .collect();
+    let mut workers = Vec::new();
+    for worker in starting {
+        workers.push(worker.await.expect("worker start"));
+    }
+    let stream_info = || async move {
+        let mut stream = js.get_stream(DEFAULT_STREAM).await.expect("stream");
+        stream.info().await.expect("stream info").clone()
+    };
+    let info = stream_info().await;
+    assert_eq!(info.config.num_replicas, NODES, "the workers created R3");
+    let placement = info.cluster.expect("clustered stream");
+    let leader = placement.leader.clone().expect("a stream leader");
+    assert_eq!(placement.replicas.len(), NODES - 1, "{placement:?}");
+
+    // Reference scores from a quiet cluster: an answer under load must match its own query's.
+    let documents = ["Paris is the capital of France.", "Bananas are yellow."];
+    let queries = ["capital of France?", "a yellow fruit", "rust", "energy"];
+    let reference_client = jetstream_client(raw.clone(), LIMIT);
+    let mut reference = Vec::new();
+    for query in queries {
+        let r = within(
+            LIMIT,
+            "reference",
+            reference_client.rerank(query, documents),
+        )
+        .await
+        .expect("reference scores");
+        reference.push(r.scores);
+    }
+    let reference = Arc::new(reference);
+
+    // Callers that do not retry, each sending its next request once the previous is answered,
+    // until told to stop.
+    #[derive(Default)]
+    struct Tally {
+        sent: AtomicUsize,
+        answered: AtomicUsize,
+        failures: std::sync::Mutex<Vec<String>>,
+    }
+    let tally = Arc::new(Tally::default());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut connections = Vec::new();
+    let mut load = tokio::task::JoinSet::new();
+    for caller in 0..CALLERS {
+        let connection = connect_service(&urls).await;
+        connections.push(connection.clone());
+        let client = jetstream_client(connection, LIMIT);
+        let (reference, tally, stop) = (reference.clone(), tally.clone(), stop.clone());
+        load.spawn(async move {
+            let mut i = caller;
+            while !stop.load(SeqCst) {
+                let q = i % queries.len();
+                i += 1;
+                tally.sent.fetch_add(1, SeqCst);
+                let failure = match client.rerank(queries[q], documents).await {
+                    Ok(r)
+                        if r.scores.len() == 2
+                            && r.scores
+                                .iter()
+                                .zip(&reference[q])
+                                .all(|(a, b)| (a - b).abs() <= 1e-3) =>
+                    {
+                        tally.answered.fetch_add(1, SeqCst);
+                        continue;
+                    }
+                    Ok(r) => format!("query {q}: wrong scores {:?}", r.scores),
+                    Err(e) => format!("query {q}: {e}"),
+                };
+                tally.failures.lock().unwrap().push(failure);
+            }
+        });
+    }
+    let answered = || tally.answered.load(SeqCst);
+    wait_until("the load is under way", || async {
+        answered() >= 2 * CALLERS
+    })
+    .await;
+    let victim = cluster.node_named(&leader);
+    let answered_before_kill = answered();
+    let killed_at = Instant::now();
+    let setup = killed_at - began;
+    tokio::task::block_in_place(|| cluster.nodes[victim].stop()); // SIGKILL
+                                                                  // Served again after the failover: every caller has had time to get past it.
+    wait_until("answers after the kill", || async {
+        answered() >= answered_before_kill + 4 * CALLERS
+    })
+    .await;
+    let recovered_after = killed_at.elapsed();
+    stop.store(true, SeqCst);
+    while let Some(done) = within(LIMIT * 3, "callers finish", load.join_next()).await {
+        done.expect("caller task");
+    }
+    let (sent, total) = (tally.sent.load(SeqCst), answered());
+    let failures = std::mem::take(&mut *tally.failures.lock().unwrap());
+    let new_leader = stream_info().await.cluster.and_then(|c| c.leader);
+    let reconnected = connections
+        .iter()
+        .filter(|c| c.statistics().connects.load(SeqCst) > 1)
+        .count();
+    let sum = |name: &str| workers.iter().map(|w| worker_metric(w, name)).sum::<f64>();
+    let replies = sum("rerank_requests_total");
+    println!(
+        "cluster: {NODES} nodes, R3; SIGKILLed stream leader {leader} after {answered_before_kill} answers (new leader {new_leader:?}, {} more answers within {} ms of the kill); requests {sent}, answered {total}, failed {}, lost {}; callers reconnected {reconnected} of {CALLERS}; worker replies {replies} (incl. {} reference), redelivered {}, replied again {}; killed {} ms after the start",
+        4 * CALLERS,
+        recovered_after.as_millis(),
+        failures.len(),
+        sent - total - failures.len(),
+        queries.len(),
+        sum("rerank_jobs_redelivered_total"),
+        sum("rerank_jobs_replied_again_total"),
+        setup.as_millis(),
+    );
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert_eq!(total, sent, "every request answered exactly once");
+    assert!(
+        new_leader.is_some_and(|l| l != leader),
+        "a new stream leader"
+    );
 }

@@ -28,6 +28,7 @@ pub const JOBS_ACK_PENDING: &str = "rerank_jobs_ack_pending";
 pub const JOBS_REDELIVERED_TOTAL: &str = "rerank_jobs_redelivered_total";
 pub const JOBS_EXPIRED_TOTAL: &str = "rerank_jobs_expired_total";
 pub const JOBS_TERMINATED_TOTAL: &str = "rerank_jobs_terminated_total";
+pub const JOBS_REPLIED_AGAIN_TOTAL: &str = "rerank_jobs_replied_again_total";
 pub const JOB_ACK_SECONDS: &str = "rerank_job_ack_seconds";
 
 // Sidecar.

@@ -24,6 +24,8 @@ pub struct WorkerMetrics {
     pub jobs_expired: IntCounter,
     /// Jobs terminated (poison, out of deliveries, expired).
     pub jobs_terminated: IntCounter,
+    /// Replies published again because the connection changed between a reply and its ack.
+    pub jobs_replied_again: IntCounter,
     /// Delivery to ack (the job's time on this worker).
     pub job_ack_seconds: Histogram,
 }
@@ -70,6 +72,10 @@ impl WorkerMetrics {
                 names::JOBS_TERMINATED_TOTAL,
                 "Jobs terminated: undecodable, out of deliveries or expired",
             )?,
+            jobs_replied_again: names::counter(
+                names::JOBS_REPLIED_AGAIN_TOTAL,
+                "Replies published again after a reconnect between a job's reply and its ack",
+            )?,
             job_ack_seconds: names::seconds(
                 names::JOB_ACK_SECONDS,
                 "Time from a job's delivery to its ack",
@@ -86,6 +92,7 @@ impl WorkerMetrics {
         registry.register(Box::new(m.jobs_redelivered.clone()))?;
         registry.register(Box::new(m.jobs_expired.clone()))?;
         registry.register(Box::new(m.jobs_terminated.clone()))?;
+        registry.register(Box::new(m.jobs_replied_again.clone()))?;
         registry.register(Box::new(m.job_ack_seconds.clone()))?;
         Ok(m)
     }

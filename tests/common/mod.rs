@@ -99,6 +99,22 @@ impl NatsServer {
         server
     }
 
+    /// [`start_jetstream`](Self::start_jetstream) with extra arguments (e.g. `-m PORT`).
+    pub fn start_jetstream_with(extra_args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = dir.path().join("jetstream");
+        let mut args = vec!["-js".into(), "-sd".into(), store.display().to_string()];
+        args.extend(extra_args.iter().map(|s| s.to_string()));
+        let mut server = Self {
+            child: None,
+            port: free_port(),
+            extra_args: args,
+            _dir: dir,
+        };
+        server.spawn();
+        server
+    }
+
     /// Starts with a configuration file holding `config` (e.g. `max_payload: 8MB`).
     pub fn start_with_config(config: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -156,6 +172,69 @@ impl NatsServer {
     pub fn restart(&mut self) {
         self.stop();
         self.spawn();
+    }
+}
+
+/// A JetStream cluster of real nats-server processes on loopback: each node has its own client
+/// port, cluster (route) port and store directory, and routes to every other node. Node `i` is
+/// named `n{i}` (the name JetStream reports as a stream's leader).
+pub struct NatsCluster {
+    pub nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    pub fn start(size: usize) -> Self {
+        let route_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let nodes = (0..size)
+            .map(|i| {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let store = dir.path().join("jetstream");
+                let routes: Vec<String> = route_ports
+                    .iter()
+                    .enumerate()
+                    .filter(|&(j, _)| j != i)
+                    .map(|(_, port)| format!("nats://127.0.0.1:{port}"))
+                    .collect();
+                let mut node = NatsServer {
+                    child: None,
+                    port: free_port(),
+                    extra_args: vec![
+                        "-js".into(),
+                        "-sd".into(),
+                        store.display().to_string(),
+                        "-n".into(),
+                        format!("n{i}"),
+                        "--cluster_name".into(),
+                        "rerank-test".into(),
+                        "--cluster".into(),
+                        format!("nats://127.0.0.1:{}", route_ports[i]),
+                        "--routes".into(),
+                        routes.join(","),
+                    ],
+                    _dir: dir,
+                };
+                node.spawn();
+                node
+            })
+            .collect();
+        Self { nodes }
+    }
+
+    /// Every node's client URL, comma-separated (what `--nats-url` and `NatsConfig` take).
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The index of the node JetStream calls `name`.
+    pub fn node_named(&self, name: &str) -> usize {
+        name.strip_prefix('n')
+            .and_then(|i| i.parse().ok())
+            .filter(|&i: &usize| i < self.nodes.len())
+            .unwrap_or_else(|| panic!("no node named {name}"))
     }
 }
 

@@ -7,6 +7,9 @@
 //!   keeps no reply subject). The worker publishes the reply, flushes, then acks: a worker that
 //!   dies before the ack leaves the job to be delivered again after `ack_wait`, and another worker
 //!   answers it (the caller keeps the first reply).
+//!   A reconnect between the reply and the ack may have dropped the reply (async-nats discards
+//!   what it had not written) while the ack went out on the new connection: the worker then
+//!   replies again. A caller that reconnects while waiting asks again (client::jetstream).
 //! - **Progress:** while a job computes, an in-progress ack every `ack_wait / 3` keeps it ours.
 //! - **Bounded redelivery:** the consumer's last delivery (`max_deliver`) is not computed again:
 //!   the caller gets `model_error` and the job is terminated, not left in the stream.
@@ -19,10 +22,12 @@
 //!   job pulled. No core subscription is drained, so async-nats's drain race does not apply, and a
 //!   job lost anyway (a crash) is redelivered.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{consumer::PullConsumer, AckKind, Message};
+use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -35,6 +40,8 @@ use super::super::handler::{self, Answer, HandlerContext};
 const PULL_EXPIRES: Duration = Duration::from_secs(1);
 /// How long an overloaded worker hands a job back for.
 const NAK_DELAY: Duration = Duration::from_millis(500);
+/// Replies sent again at most, when the connection keeps changing while a job is answered.
+const REPLY_AGAIN_TRIES: u32 = 3;
 /// Pause after a failed pull (NATS down, stream gone) before trying again.
 const PULL_RETRY: Duration = Duration::from_millis(250);
 
@@ -246,6 +253,20 @@ async fn handle_job(
         Some(ErrorCode::ModelError) if last_delivery => Settle::Term,
         _ => Settle::Ack,
     };
+    // The connection the reply goes out on. async-nats drops what it had not yet written when the
+    // connection breaks, then sends later commands (the ack) on the new one: a reply lost that way
+    // with its ack delivered would be a job acked and never answered. Reply and ack on one
+    // connection are safe (the server handles them in order; a dead server loses both, and the
+    // job is redelivered), so a change of connection in between means: reply again.
+    let connects = || ctx.client.statistics().connects.load(Ordering::Relaxed);
+    let before = connects();
+    let resend = reply_to.as_ref().map(|to| {
+        (
+            to.clone(),
+            answer.headers.clone(),
+            Bytes::from(answer.body.clone()),
+        )
+    });
     match reply_to {
         Some(reply_to) => {
             let sent = handler::reply(&ctx, reply_to, answer, received, &span).await;
@@ -270,6 +291,10 @@ async fn handle_job(
             job.ack_with(AckKind::Term).await
         }
     };
+    let acked = match acked {
+        Ok(()) => ctx.client.flush().await.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
     match acked {
         Ok(()) => ctx
             .metrics
@@ -277,6 +302,42 @@ async fn handle_job(
             .observe(received.elapsed().as_secs_f64()),
         Err(e) => {
             tracing::warn!(parent: &span, error = %e, "ack failed; the job may be answered twice")
+        }
+    }
+    reply_again_after_reconnect(&ctx, resend, before, connects, &span).await;
+}
+
+/// Publishes the reply again while the connection changed since `before` (bounded): the caller
+/// keeps the first reply it gets, so a second one is harmless, and a lost one is not.
+async fn reply_again_after_reconnect(
+    ctx: &HandlerContext,
+    resend: Option<(async_nats::Subject, async_nats::HeaderMap, Bytes)>,
+    mut before: u64,
+    connects: impl Fn() -> u64,
+    span: &tracing::Span,
+) {
+    let Some((reply_to, headers, body)) = resend else {
+        return;
+    };
+    for _ in 0..REPLY_AGAIN_TRIES {
+        let now = connects();
+        if now == before {
+            return;
+        }
+        before = now;
+        ctx.metrics.jobs_replied_again.inc();
+        tracing::info!(parent: span, "reconnected while answering a job; replying again");
+        let sent = ctx
+            .client
+            .publish_with_headers(reply_to.clone(), headers.clone(), body.clone())
+            .await;
+        if let Err(e) = sent {
+            tracing::warn!(parent: span, error = %e, "could not reply again");
+            return;
+        }
+        if let Err(e) = ctx.client.flush().await {
+            tracing::warn!(parent: span, error = %e, "could not flush the reply sent again");
+            return;
         }
     }
 }
