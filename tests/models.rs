@@ -210,16 +210,28 @@ async fn two_models_are_routed_by_model_through_one_sidecar() {
         .await
         .expect_err("no worker serves it");
     assert_eq!(error.kind(), RerankErrorKind::Unavailable, "{error}");
+    // Over HTTP, `.model(..)` names the model in the body of the sidecar's `/rerank`.
+    let over_http = RerankClient::builder()
+        .http(sidecar.base_url())
+        .model(OTHER_MODEL)
+        .timeout(PATIENCE)
+        .retries(0)
+        .build()
+        .expect("client");
+    let result = within(PATIENCE, "HTTP client", over_http.rerank("q", ["a", "b"]))
+        .await
+        .expect("reply");
+    assert_eq!(result.scores.len(), 2);
     assert!(RerankClient::builder()
         .jetstream(conn.clone(), "rerank.jobs.v1")
         .model(OTHER_MODEL)
         .build()
         .is_err());
 
-    // Each worker counted exactly the requests meant for its model: 3 + 1 + 1 + 1 (client) for
+    // Each worker counted exactly the requests meant for its model: 3 + 1 + 1 + 2 (clients) for
     // the other model, 3 for the default.
     let counts = requests_by_model(&conn).await;
-    assert_eq!(counts[OTHER_MODEL], 6, "{counts:?}");
+    assert_eq!(counts[OTHER_MODEL], 7, "{counts:?}");
     assert_eq!(counts[DEFAULT_MODEL], 3, "{counts:?}");
     sidecar.stop().await;
 }

@@ -23,6 +23,8 @@ Errors are `{\"error\": {\"code\", \"message\"}}`. Malformed JSON, wrong types a
 sidecar's limit, or a request over the NATS server's max_payload, is 413 `payload_too_large`. A full \
 worker queue is 429 `overloaded` and an empty pool 503 `unavailable`, both with `Retry-After`; no \
 reply within the request timeout is 504 `timeout`.\n\n\
+The rerank routes take an optional `model`, one of the ids `GET /v1/models` lists (absent: the \
+pool's default model); a model no worker serves is 404 `model_not_found`, naming those that are.\n\n\
 When the sidecar runs with RERANK_API_KEY, every route but /live and /ready needs \
 `Authorization: Bearer <key>` (401 `unauthorized` otherwise).";
 
