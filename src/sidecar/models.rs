@@ -231,8 +231,15 @@ pub fn merge(workers: &[WorkerInfo]) -> Vec<ServedModel> {
     models
 }
 
+/// Longest part of an unknown `model` echoed in the error (the field is the caller's, of any size).
+const ECHOED_MODEL_CHARS: usize = 128;
+
 /// 404 `model_not_found` naming what is served, or 503 when nothing answered discovery.
 fn not_served(model: &str, served: &[ServedModel]) -> ApiError {
+    let model = match model.char_indices().nth(ECHOED_MODEL_CHARS) {
+        Some((cut, _)) => format!("{}…", &model[..cut]),
+        None => model.to_string(),
+    };
     if served.is_empty() {
         return ApiError::new(
             ErrorCode::Unavailable,
@@ -298,5 +305,7 @@ mod tests {
             error.message
         );
         assert_eq!(not_served("x", &[]).code, ErrorCode::Unavailable);
+        let long = not_served(&"é".repeat(1 << 20), &served);
+        assert!(long.message.len() < 1024, "{}", long.message.len());
     }
 }
