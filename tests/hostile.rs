@@ -324,7 +324,7 @@ fn http_cases() -> Vec<HttpCase> {
         case(
             "unknown fields",
             "/rerank",
-            json_with(r#", "model": "x", "future": {"a": [1, 2, {"b": null}]}"#),
+            json_with(r#", "modle": "x", "future": {"a": [1, 2, {"b": null}]}"#),
             scores2(),
         ),
         case(

@@ -251,8 +251,8 @@ async fn cohere_jina_and_nim_shapes() {
     let order = wire::rank(&direct, None);
 
     // Cohere/Jina: strings and {"text"} objects mixed, raw logits by default, sorted.
+    // No `model`: the pool's default (an unknown one is 404, tests/models.rs).
     let request = json!({
-        "model": "whatever",
         "query": "capital of France?",
         "documents": [documents[0], {"text": documents[1]}, documents[2]],
     });
@@ -339,7 +339,6 @@ async fn cohere_jina_and_nim_shapes() {
 
     // NIM: query.text, passages[].text → rankings sorted by logit, plus usage.
     let request = json!({
-        "model": "nvidia/llama-nemotron-rerank-1b-v2",
         "query": {"text": "capital of France?"},
         "passages": documents.iter().map(|d| json!({"text": d})).collect::<Vec<_>>(),
         "truncate": "END",

@@ -16,6 +16,11 @@ pub struct ModelArgs {
     /// HF_ENDPOINT, HF_HUB_OFFLINE).
     #[arg(long, env = "RERANK_MODEL", default_value = DEFAULT_MODEL_ID)]
     pub model: String,
+    /// The model id the pool serves it as: the `model` callers name, the reply's `model`, the
+    /// NATS subject (`rerank.v1.model.<escaped id>`) and discovery metadata. Default: --model as
+    /// given (a Hub repo id, or the directory).
+    #[arg(long, env = "RERANK_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
     /// Hub revision (branch, tag or commit) when --model is a repo id.
     #[arg(long, env = "RERANK_MODEL_REVISION", default_value = "main")]
     pub revision: String,
@@ -191,9 +196,24 @@ pub struct LogArgs {
     pub log_format: crate::telemetry::LogFormat,
 }
 
+impl ModelArgs {
+    /// The id the model is served as (--served-model-name, else --model).
+    pub fn served_id(&self) -> &str {
+        self.served_model_name
+            .as_deref()
+            .filter(|name| !name.is_empty())
+            .unwrap_or(&self.model)
+    }
+}
+
 /// How a worker process serves the pool (besides the model and the engine).
 #[derive(Debug, Clone, Args)]
 pub struct WorkerRunArgs {
+    /// Whether this worker's model is the pool's default: it then also answers requests that
+    /// name no model (subject --subject, `rerank.v1`), besides its own model subject. Run every
+    /// other model of the pool with `--default-model false`.
+    #[arg(long, env = "RERANK_DEFAULT_MODEL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub default_model: bool,
     /// Queue group shared by the pool: each request goes to one member.
     #[arg(long, env = "RERANK_QUEUE_GROUP", default_value = crate::wire::DEFAULT_QUEUE_GROUP)]
     pub queue_group: String,

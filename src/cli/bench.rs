@@ -308,7 +308,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             let config = args
                 .engine
                 .to_config(!args.model.device.starts_with("cpu"))?;
-            let (engine, info) = start_engine(&args.model, config, metrics.clone()).await?;
+            let (engine, info, _) = start_engine(&args.model, config, metrics.clone()).await?;
             let truncation = match args.truncate {
                 TruncateArg::Chunk => Truncation::Chunk(ChunkPolicy {
                     overlap: args.chunk_overlap,

@@ -7,12 +7,19 @@ use crate::model::{self, ModelConfig, ModelFiles, ModelInfo, PairTokenizer};
 
 use super::args::ModelArgs;
 
-/// Resolves, loads and warms up the model, returning a ready engine.
+/// The architecture family of a model, as service discovery names it: config.json's
+/// `model_type` (`llama_bidirec` today).
+pub fn model_family(config: &ModelConfig) -> String {
+    config.model_type.clone()
+}
+
+/// Resolves, loads and warms up the model, returning a ready engine, what it reports (named by
+/// --served-model-name) and its [family](model_family).
 pub async fn start_engine(
     args: &ModelArgs,
     config: EngineConfig,
     metrics: EngineMetrics,
-) -> anyhow::Result<(Engine, ModelInfo)> {
+) -> anyhow::Result<(Engine, ModelInfo, String)> {
     let device = model::parse_device(&args.device)?;
     let dtype = match &args.dtype {
         Some(d) => model::parse_dtype(d)?,
@@ -25,7 +32,7 @@ pub async fn start_engine(
         model::MAX_SUPPORTED_LENGTH
     );
     tracing::info!(model = %args.model, device = %args.device, dtype = model::dtype_name(dtype), "loading model");
-    let (encoder, tokenizer, name) = if args.random_weights {
+    let (encoder, tokenizer, name, family) = if args.random_weights {
         let tokenizer_path = args
             .tokenizer
             .clone()
@@ -33,17 +40,22 @@ pub async fn start_engine(
         let config = ModelConfig::nemotron_rerank_1b_v2();
         let encoder = model::random_model(&config, dtype, &device, max_length)?;
         let tokenizer = PairTokenizer::from_file(&tokenizer_path, max_length)?;
-        (encoder, tokenizer, "random-weights-1b".to_string())
+        let name = args
+            .served_model_name
+            .clone()
+            .unwrap_or_else(|| "random-weights-1b".to_string());
+        (encoder, tokenizer, name, model_family(&config))
     } else {
         let files = ModelFiles::resolve(&args.model, &args.revision).await?;
         let config = ModelConfig::from_file(&files.config)?;
+        let family = model_family(&config);
         let tokenizer_path = args.tokenizer.clone().unwrap_or(files.tokenizer.clone());
         let tokenizer = PairTokenizer::from_file(&tokenizer_path, max_length)?;
         let encoder = tokio::task::spawn_blocking(move || {
             files.load_model(&config, dtype, &device, max_length)
         })
         .await??;
-        (encoder, tokenizer, args.model.clone())
+        (encoder, tokenizer, args.served_id().to_string(), family)
     };
     let info = ModelInfo {
         name,
@@ -53,6 +65,6 @@ pub async fn start_engine(
     };
     tracing::info!(warmup_tokens = config.warmup_tokens, "warming up");
     let engine = Engine::start(encoder, tokenizer, config, metrics).await?;
-    tracing::info!(model = %info.name, device = %info.device, "model ready");
-    Ok((engine, info))
+    tracing::info!(model = %info.name, %family, device = %info.device, "model ready");
+    Ok((engine, info, family))
 }

@@ -56,7 +56,7 @@ pub async fn run(args: ScoreArgs) -> anyhow::Result<()> {
         warmup_tokens: 0,
         ..EngineConfig::default()
     };
-    let (engine, _) = start_engine(&args.model, config, EngineMetrics::detached()).await?;
+    let (engine, _, _) = start_engine(&args.model, config, EngineMetrics::detached()).await?;
     let response = engine
         .score(ScoreRequest {
             query: input.query,

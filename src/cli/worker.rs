@@ -76,8 +76,10 @@ pub async fn run_worker(
     let probe_server = tokio::spawn(probe::serve(listener, probe_state, probe_timeouts));
 
     let intake = intake.to_intake(&options.queue_group)?;
+    // Before the model load, which may take minutes.
+    worker::check_intake(&intake, options.default_model, model.served_id())?;
     let config = engine.to_config(!model.device.starts_with("cpu"))?;
-    let (engine, info) = start_engine(model, config, engine_metrics).await?;
+    let (engine, info, family) = start_engine(model, config, engine_metrics).await?;
     let config = WorkerConfig {
         nats: crate::nats::NatsConfig {
             // Small: a busy worker must not hoard messages in its client buffer; the handler takes
@@ -86,6 +88,8 @@ pub async fn run_worker(
             ..nats.to_config(&format!("rerank-worker-{}", std::process::id()))
         },
         subject: nats.subject.clone(),
+        default_model: options.default_model,
+        family,
         intake,
         max_inflight_requests: options.max_inflight_requests,
         drain_timeout: Duration::from_secs(options.drain_timeout),

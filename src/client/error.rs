@@ -61,7 +61,8 @@ impl RerankErrorKind {
             | ErrorCode::DeadlineExceeded
             | ErrorCode::ModelError
             | ErrorCode::Unauthorized
-            | ErrorCode::NotFound => RerankErrorKind::Rejected(code),
+            | ErrorCode::NotFound
+            | ErrorCode::ModelNotFound => RerankErrorKind::Rejected(code),
         }
     }
 }

@@ -1,7 +1,8 @@
 //! The HTTP transport: one `POST {base}/rerank` to the sidecar per attempt.
 //!
 //! The sidecar's `/rerank` answers exactly the seed shape (`scores`, `ranked_indices`), so replies
-//! over HTTP carry no model name and no token usage.
+//! over HTTP carry no model name and no token usage. A client built with a model names it in the
+//! body's optional `model`.
 
 use std::time::Duration;
 
@@ -18,10 +19,14 @@ pub(crate) struct HttpTransport {
     /// `{base}/rerank`.
     pub url: String,
     pub bearer_token: Option<String>,
+    /// Named in every body; `None`: the pool's default model.
+    pub model: Option<String>,
 }
 
 #[derive(Serialize)]
 struct Body<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model: Option<&'a str>,
     query: &'a str,
     documents: &'a [String],
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -45,11 +50,16 @@ struct Reply {
 }
 
 impl HttpTransport {
-    pub fn new(base_url: &str, bearer_token: Option<String>) -> Result<Self, reqwest::Error> {
+    pub fn new(
+        base_url: &str,
+        bearer_token: Option<String>,
+        model: Option<String>,
+    ) -> Result<Self, reqwest::Error> {
         Ok(Self {
             http: reqwest::Client::builder().build()?,
             url: format!("{}/rerank", base_url.trim_end_matches('/')),
             bearer_token,
+            model,
         })
     }
 
@@ -66,6 +76,7 @@ impl HttpTransport {
             .headers(headers)
             .timeout(timeout)
             .json(&Body {
+                model: self.model.as_deref(),
                 query: &request.query,
                 documents: &request.documents,
                 top_k: request.top_k,

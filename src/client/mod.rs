@@ -68,7 +68,14 @@ pub struct RerankOptions {
 pub struct WorkerInfo {
     /// NATS service instance id.
     pub id: String,
+    /// The model id it serves (what callers name in `model`).
     pub model: Option<String>,
+    /// The model's architecture family (`llama_bidirec`...).
+    pub family: Option<String>,
+    /// Whether its model is the pool's default (answers requests that name no model).
+    pub default_model: bool,
+    /// Its model's own request subject ([`wire::model_subject`]).
+    pub model_subject: Option<String>,
     /// `cpu`, `cuda:0`...
     pub device: Option<String>,
     pub dtype: Option<String>,
@@ -83,6 +90,10 @@ impl WorkerInfo {
         Self {
             id,
             model: metadata.remove("model"),
+            family: metadata.remove("family"),
+            // Workers from before per-model subjects served the base subject only.
+            default_model: metadata.get("default").is_none_or(|v| v == "true"),
+            model_subject: metadata.remove("model_subject"),
             device: metadata.remove("device"),
             dtype: metadata.remove("dtype"),
             max_length: metadata.get("max_length").and_then(|v| v.parse().ok()),
@@ -124,6 +135,8 @@ pub enum BuildError {
     NoTransport,
     #[error("cannot build the HTTP client: {0}")]
     Http(String),
+    #[error("the JetStream transport serves the pool's default model only, not {0}; use .nats(client, \"rerank.v1\").model(..)")]
+    ModelOverJetStream(String),
 }
 
 /// Configures a [`RerankClient`]. Defaults follow the seed service (`docs/seed-api.md`): 3 retries, 1 s backoff base
@@ -152,6 +165,8 @@ pub struct RerankClientBuilder {
     jetstream: bool,
     http: Option<String>,
     bearer_token: Option<String>,
+    /// Send to this model's subject (NATS) or name it in the body (HTTP).
+    model: Option<String>,
     service: String,
     retries: u32,
     unavailable_retries: Option<u32>,
@@ -166,6 +181,7 @@ impl Default for RerankClientBuilder {
             jetstream: false,
             http: None,
             bearer_token: None,
+            model: None,
             service: wire::SERVICE_NAME.to_string(),
             retries: 3,
             unavailable_retries: None,
@@ -213,6 +229,16 @@ impl RerankClientBuilder {
         self
     }
 
+    /// Rerank with the model the pool serves as `model` (its id, e.g.
+    /// `cross-encoder/ms-marco-MiniLM-L-6-v2`) instead of the pool's default. Over NATS the
+    /// requests go to [`wire::model_subject`]`(subject, model)` (so `.nats(..)` takes the pool's
+    /// base subject, `rerank.v1`); over HTTP the body names it. The JetStream transport serves
+    /// the default model only, so [`build`](Self::build) refuses it with a model.
+    pub fn model(mut self, model: impl Into<String>) -> Self {
+        self.model = Some(model.into());
+        self
+    }
+
     /// NATS service name used for worker discovery (default `rerank`).
     pub fn service_name(mut self, name: impl Into<String>) -> Self {
         self.service = name.into();
@@ -247,16 +273,24 @@ impl RerankClientBuilder {
 
     pub fn build(self) -> Result<RerankClient, BuildError> {
         let transport = match (self.nats, self.http) {
+            (Some(_), _) if self.jetstream && self.model.is_some() => {
+                return Err(BuildError::ModelOverJetStream(
+                    self.model.unwrap_or_default(),
+                ))
+            }
             (Some((client, subject)), _) if self.jetstream => Transport::JetStream(Box::new(
                 jetstream::JetStreamTransport::new(client, subject, self.service),
             )),
             (Some((client, subject)), _) => Transport::Nats(nats::NatsTransport {
                 client,
-                subject,
+                subject: match &self.model {
+                    Some(model) => wire::model_subject(&subject, model),
+                    None => subject,
+                },
                 service: self.service,
             }),
             (None, Some(base)) => Transport::Http(
-                http::HttpTransport::new(&base, self.bearer_token)
+                http::HttpTransport::new(&base, self.bearer_token, self.model)
                     .map_err(|e| BuildError::Http(e.to_string()))?,
             ),
             (None, None) => return Err(BuildError::NoTransport),
@@ -409,6 +443,41 @@ impl RerankClient {
             inner.counters.failures.fetch_add(1, Ordering::Relaxed);
         }
         result
+    }
+
+    /// A client like this one (same connection, timeout and retries) for `model`: over NATS it
+    /// sends to [`wire::model_subject`]`(this client's subject, model)`, so call it on a client of
+    /// the pool's base subject; over HTTP it names `model` in the body. The JetStream transport
+    /// serves the default model only ([`BuildError::ModelOverJetStream`]).
+    pub fn with_model(&self, model: &str) -> Result<RerankClient, BuildError> {
+        let inner = &self.inner;
+        let transport = match &inner.transport {
+            Transport::Nats(t) => Transport::Nats(nats::NatsTransport {
+                subject: wire::model_subject(&t.subject, model),
+                ..t.clone()
+            }),
+            Transport::JetStream(_) => return Err(BuildError::ModelOverJetStream(model.into())),
+            Transport::Http(t) => Transport::Http(http::HttpTransport {
+                model: Some(model.to_string()),
+                ..t.clone()
+            }),
+        };
+        Ok(RerankClient {
+            inner: Arc::new(Inner {
+                transport,
+                retries: inner.retries,
+                unavailable_retries: inner.unavailable_retries,
+                backoff_base: inner.backoff_base,
+                timeout: inner.timeout,
+                counters: Counters::default(),
+            }),
+        })
+    }
+
+    /// Every worker of the pool, whatever model it serves, from the `$SRV.INFO` replies that
+    /// arrive within `wait` (NATS transport on the pool's base subject).
+    pub async fn pool_workers(&self, wait: Duration) -> Result<Vec<WorkerInfo>, RerankError> {
+        self.nats()?.discover_pool(wait).await
     }
 
     /// Workers that answer the NATS service discovery within `wait` (NATS transport only).

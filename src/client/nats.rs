@@ -92,11 +92,44 @@ impl NatsTransport {
         decode(&message)
     }
 
-    /// Asks every instance of the service for its PING response and collects those answering
-    /// within `wait`; stops early once `enough` returns true for the collected list.
+    /// Asks every instance of the service for its PING response and collects those serving this
+    /// transport's subject within `wait`; stops early once `enough` returns true for the list.
     pub async fn discover(
         &self,
         wait: Duration,
+        enough: impl Fn(&[WorkerInfo]) -> bool,
+    ) -> Result<Vec<WorkerInfo>, RerankError> {
+        // Workers of other pools (another subject) may share the server and the service name.
+        let serves_subject = |info: &WorkerInfo| {
+            let subject = Some(self.subject.as_str());
+            info.subject.is_none()
+                || info.subject.as_deref() == subject
+                || info.model_subject.as_deref() == subject
+        };
+        self.ask("PING", wait, serves_subject, enough).await
+    }
+
+    /// Every worker of the pool whose base subject is this transport's subject, whatever its
+    /// model, from the `$SRV.INFO` replies that arrive within `wait`.
+    pub async fn discover_pool(&self, wait: Duration) -> Result<Vec<WorkerInfo>, RerankError> {
+        let model_prefix = format!("{}.{}.", self.subject, wire::MODEL_SUBJECT_INFIX);
+        let in_pool = |info: &WorkerInfo| {
+            info.subject.as_deref() == Some(self.subject.as_str())
+                || info
+                    .model_subject
+                    .as_deref()
+                    .is_some_and(|s| s.starts_with(&model_prefix))
+        };
+        self.ask("INFO", wait, in_pool, |_| false).await
+    }
+
+    /// Publishes `$SRV.<verb>.<service>` with an inbox of ours, so every instance answers, and
+    /// collects the answers `keep` accepts until `wait` passes or `enough` says so.
+    async fn ask(
+        &self,
+        verb: &str,
+        wait: Duration,
+        keep: impl Fn(&WorkerInfo) -> bool,
         enough: impl Fn(&[WorkerInfo]) -> bool,
     ) -> Result<Vec<WorkerInfo>, RerankError> {
         let inbox = self.client.new_inbox();
@@ -108,7 +141,7 @@ impl NatsTransport {
         // A plain request returns the first instance only; publishing to an inbox we own lets every
         // instance answer. With none subscribed the server sends a 503 status at once.
         self.client
-            .publish_with_reply(format!("$SRV.PING.{}", self.service), inbox, Bytes::new())
+            .publish_with_reply(format!("$SRV.{verb}.{}", self.service), inbox, Bytes::new())
             .await
             .map_err(|e| RerankError::Connection(e.to_string()))?;
         let mut workers = Vec::new();
@@ -118,12 +151,11 @@ impl NatsTransport {
                 break;
             }
             let Ok(ping) = serde_json::from_slice::<PingReply>(&message.payload) else {
-                tracing::debug!("ignoring an undecodable service PING reply");
+                tracing::debug!(verb, "ignoring an undecodable service discovery reply");
                 continue;
             };
             let info = WorkerInfo::from_metadata(ping.id, ping.metadata);
-            // Workers of other pools (another subject) may share the server and the service name.
-            if info.subject.as_deref().is_some_and(|s| s != self.subject) {
+            if !keep(&info) {
                 continue;
             }
             workers.push(info);

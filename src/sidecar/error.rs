@@ -14,6 +14,7 @@
 //! | `timeout` | 504 | no reply within `--request-timeout` |
 //! | `unauthorized` | 401 | `RERANK_API_KEY` is set and the bearer token is missing or wrong |
 //! | `not_found` | 404 | unknown route |
+//! | `model_not_found` | 404 | the request's `model` is served by no worker; the message lists the models that are |
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -43,7 +44,8 @@ fn retry_after_for(code: ErrorCode) -> Option<u64> {
         | ErrorCode::ModelError
         | ErrorCode::Timeout
         | ErrorCode::Unauthorized
-        | ErrorCode::NotFound => None,
+        | ErrorCode::NotFound
+        | ErrorCode::ModelNotFound => None,
     }
 }
 

@@ -1,8 +1,9 @@
 //! The HTTP sidecar: a thin translation layer from HTTP/JSON to the worker pool over NATS.
 //!
 //! Routes: `POST /rerank` and `GET /health` (the seed service's API, `docs/seed-api.md`), `POST /v1/rerank`
-//! (Cohere/Jina shape), `POST /v1/ranking` (NVIDIA NIM shape), `GET /live`, `GET /ready`,
-//! `GET /metrics`, `GET /openapi.json`. Error statuses: see [`error`].
+//! (Cohere/Jina shape), `POST /v1/ranking` (NVIDIA NIM shape), `GET /v1/models` (OpenAI-style
+//! list of what the pool serves), `GET /live`, `GET /ready`, `GET /metrics`, `GET /openapi.json`.
+//! Error statuses: see [`error`]. Requests are routed by their `model` field: see [`models`].
 //!
 //! Requests go through [`crate::client::RerankClient`] over NATS without retries (the HTTP caller
 //! has its own), except one quick retry when no worker is subscribed, which covers rollouts.
@@ -13,6 +14,7 @@
 pub mod error;
 pub mod extract;
 mod middleware;
+pub mod models;
 pub mod openapi;
 pub mod routes;
 
@@ -34,6 +36,7 @@ use crate::nats::{NatsConfig, NatsConnectError};
 
 pub use error::ApiError;
 pub use middleware::HttpMetrics;
+pub use models::{Models, ServedModel};
 
 /// Everything `run` needs.
 #[derive(Clone)]
@@ -59,6 +62,11 @@ pub struct SidecarConfig {
     pub api_key: Option<String>,
     /// How long `/health` listens for workers' discovery replies.
     pub health_wait: Duration,
+    /// How long the model catalog (`/v1/models`, routing by `model`) listens for `$SRV.INFO`
+    /// replies.
+    pub models_wait: Duration,
+    /// How long a model catalog is used before it is gathered again.
+    pub models_ttl: Duration,
     /// Pause before the single retry when no worker is subscribed.
     pub no_responders_backoff: Duration,
 }
@@ -77,6 +85,8 @@ impl Default for SidecarConfig {
             body_budget_bytes: http_server::DEFAULT_BODY_BUDGET_BYTES,
             api_key: None,
             health_wait: Duration::from_millis(250),
+            models_wait: Duration::from_millis(250),
+            models_ttl: Duration::from_secs(2),
             no_responders_backoff: Duration::from_millis(200),
         }
     }
@@ -97,6 +107,8 @@ impl std::fmt::Debug for SidecarConfig {
             .field("body_budget_bytes", &self.body_budget_bytes)
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
             .field("health_wait", &self.health_wait)
+            .field("models_wait", &self.models_wait)
+            .field("models_ttl", &self.models_ttl)
             .finish()
     }
 }
@@ -123,6 +135,7 @@ pub enum SidecarError {
 
 struct StateInner {
     client: RerankClient,
+    models: Models,
     metrics: HttpMetrics,
     registry: prometheus::Registry,
     api_key: Option<String>,
@@ -138,8 +151,19 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// State around a client (which should use the NATS transport: health and readiness ask it).
+    /// State around a core NATS client on the pool's base subject (health, readiness and the
+    /// model catalog ask it; requests that name a model go to that model's subject).
     pub fn new(client: RerankClient, config: &SidecarConfig) -> Result<Self, SidecarError> {
+        Self::with_pool(client.clone(), client, config)
+    }
+
+    /// State around `client` for the default model (any transport) and `pool`, a core NATS
+    /// client on the pool's base subject, for the model catalog and the other models.
+    pub fn with_pool(
+        client: RerankClient,
+        pool: RerankClient,
+        config: &SidecarConfig,
+    ) -> Result<Self, SidecarError> {
         let registry = prometheus::Registry::new();
         let metrics = HttpMetrics::register(&registry)?;
         let body_limit = match config.max_body_bytes {
@@ -157,9 +181,11 @@ impl AppState {
             body_limit,
             body_budget_bytes: config.body_budget_bytes,
         };
+        let models = Models::new(client.clone(), pool, config.models_wait, config.models_ttl);
         Ok(Self {
             inner: Arc::new(StateInner {
                 client,
+                models,
                 metrics,
                 registry,
                 api_key: config.api_key.clone().filter(|k| !k.is_empty()),
@@ -174,20 +200,30 @@ impl AppState {
     /// With the JetStream transport the job stream is created first if it is missing.
     pub async fn connect(config: &SidecarConfig) -> Result<Self, SidecarError> {
         let nats = config.nats.connect().await?;
-        let builder = match &config.jetstream {
-            None => RerankClient::builder().nats(nats, config.subject.clone()),
+        let settings = |builder: crate::client::RerankClientBuilder| {
+            builder
+                .timeout(config.request_timeout)
+                .retries(0)
+                .unavailable_retries(1)
+                .backoff_base(config.no_responders_backoff)
+                .build()
+        };
+        // Core request-reply on the base subject: the other models (and, without JetStream, the
+        // default one too).
+        let pool = settings(RerankClient::builder().nats(nats.clone(), config.subject.clone()))?;
+        let client = match &config.jetstream {
+            None => pool.clone(),
             Some(jobs) => {
                 jobs.ensure_on(&nats, &config.subject).await?;
-                RerankClient::builder().jetstream(nats, jobs.subject.clone())
+                settings(RerankClient::builder().jetstream(nats, jobs.subject.clone()))?
             }
         };
-        let client = builder
-            .timeout(config.request_timeout)
-            .retries(0)
-            .unavailable_retries(1)
-            .backoff_base(config.no_responders_backoff)
-            .build()?;
-        Self::new(client, config)
+        Self::with_pool(client, pool, config)
+    }
+
+    /// The model router.
+    pub fn models(&self) -> &Models {
+        &self.inner.models
     }
 
     pub fn client(&self) -> &RerankClient {
@@ -222,6 +258,7 @@ pub fn router(state: AppState) -> Router {
         .route("/rerank", post(routes::rerank::rerank))
         .route("/v1/rerank", post(routes::cohere::rerank))
         .route("/v1/ranking", post(routes::nim::ranking))
+        .route("/v1/models", get(routes::models::list))
         .route("/health", get(routes::health::health))
         .route("/live", get(routes::health::live))
         .route("/ready", get(routes::health::ready))

@@ -12,6 +12,7 @@ use crate::wire::ErrorReply;
 
 use super::routes::cohere::{CohereRerankRequest, CohereRerankResponse};
 use super::routes::health::HealthResponse;
+use super::routes::models::ModelList;
 use super::routes::nim::{NimRankingRequest, NimRankingResponse};
 use super::routes::rerank::{RerankBody, RerankResponse};
 
@@ -22,6 +23,8 @@ Errors are `{\"error\": {\"code\", \"message\"}}`. Malformed JSON, wrong types a
 sidecar's limit, or a request over the NATS server's max_payload, is 413 `payload_too_large`. A full \
 worker queue is 429 `overloaded` and an empty pool 503 `unavailable`, both with `Retry-After`; no \
 reply within the request timeout is 504 `timeout`.\n\n\
+The rerank routes take an optional `model`, one of the ids `GET /v1/models` lists (absent: the \
+pool's default model); a model no worker serves is 404 `model_not_found`, naming those that are.\n\n\
 When the sidecar runs with RERANK_API_KEY, every route but /live and /ready needs \
 `Authorization: Bearer <key>` (401 `unauthorized` otherwise).";
 
@@ -40,6 +43,7 @@ pub fn document() -> Value {
     let nim_request = generator.subschema_for::<NimRankingRequest>().to_value();
     let nim_response = generator.subschema_for::<NimRankingResponse>().to_value();
     let health = generator.subschema_for::<HealthResponse>().to_value();
+    let model_list = generator.subschema_for::<ModelList>().to_value();
     let error = generator.subschema_for::<ErrorReply>().to_value();
     let schemas = Value::Object(generator.take_definitions(true));
 
@@ -55,6 +59,7 @@ pub fn document() -> Value {
     let rerank_errors = json!({
         "400": err("invalid_request, too_many_documents or document_too_long"),
         "401": err("unauthorized: missing or wrong bearer token"),
+        "404": err("model_not_found: no worker serves the requested model; the message lists those that are"),
         "413": err("payload_too_large: body over --max-body-bytes or request over NATS max_payload"),
         "429": with_retry_after("overloaded: the worker's queue is full"),
         "500": err("model_error"),
@@ -92,7 +97,7 @@ pub fn document() -> Value {
             "/v1/rerank": {"post": {
                 "operationId": "rerankCohere",
                 "summary": "Cohere / Jina compatible rerank",
-                "description": "relevance_score is the raw logit; send \"normalize\": true for sigmoid(logit) in 0-1. top_n absent or 0 returns all. return_documents defaults to false. model is ignored.",
+                "description": "relevance_score is the raw logit; send \"normalize\": true for sigmoid(logit) in 0-1. top_n absent or 0 returns all. return_documents defaults to false. model picks one of GET /v1/models (absent: the default model).",
                 "requestBody": json_body(&cohere_request),
                 "responses": with_errors(json!({"200": ok("Results sorted by relevance_score, best first", &cohere_response)})),
             }},
@@ -102,6 +107,15 @@ pub fn document() -> Value {
                 "description": "Rankings sorted by logit, best first. truncate defaults to END here (NIM: NONE).",
                 "requestBody": json_body(&nim_request),
                 "responses": with_errors(json!({"200": ok("Rankings sorted by logit, best first", &nim_response)})),
+            }},
+            "/v1/models": {"get": {
+                "operationId": "listModels",
+                "summary": "OpenAI-style list of the models the pool serves (from NATS service discovery)",
+                "responses": {
+                    "200": ok("The served models, the default first", &model_list),
+                    "401": err("unauthorized"),
+                    "503": with_retry_after("unavailable: NATS is down"),
+                },
             }},
             "/health": {"get": {
                 "operationId": "health",

@@ -10,8 +10,11 @@ pub use schema::{json_schemas, SchemaFile};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// Default request subject; the major version lives in the subject.
+/// Default request subject; the major version lives in the subject. The pool's default model
+/// serves it (besides its own [`model_subject`]).
 pub const SUBJECT_V1: &str = "rerank.v1";
+/// The token between a base subject and a model's token in [`model_subject`].
+pub const MODEL_SUBJECT_INFIX: &str = "model";
 /// Default queue group of the worker pool.
 pub const DEFAULT_QUEUE_GROUP: &str = "rerank-workers";
 /// NATS service name (`$SRV.*.rerank`) and its version.
@@ -144,11 +147,14 @@ pub enum ErrorCode {
     Unauthorized,
     /// Unknown route (HTTP only).
     NotFound,
+    /// The request names a model that no worker of the pool serves; the message lists those
+    /// that are served.
+    ModelNotFound,
 }
 
 impl ErrorCode {
     /// Every code, for exhaustive tables and tests.
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 12] = [
         ErrorCode::InvalidRequest,
         ErrorCode::TooManyDocuments,
         ErrorCode::DocumentTooLong,
@@ -160,6 +166,7 @@ impl ErrorCode {
         ErrorCode::Timeout,
         ErrorCode::Unauthorized,
         ErrorCode::NotFound,
+        ErrorCode::ModelNotFound,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -175,6 +182,7 @@ impl ErrorCode {
             ErrorCode::Timeout => "timeout",
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::NotFound => "not_found",
+            ErrorCode::ModelNotFound => "model_not_found",
         }
     }
 
@@ -196,6 +204,7 @@ impl ErrorCode {
             ErrorCode::Timeout => 504,
             ErrorCode::Unauthorized => 401,
             ErrorCode::NotFound => 404,
+            ErrorCode::ModelNotFound => 404,
         }
     }
 
@@ -226,7 +235,8 @@ impl ErrorCode {
             | ErrorCode::DeadlineExceeded
             | ErrorCode::ModelError
             | ErrorCode::Unauthorized
-            | ErrorCode::NotFound => false,
+            | ErrorCode::NotFound
+            | ErrorCode::ModelNotFound => false,
         }
     }
 }
@@ -315,6 +325,34 @@ pub fn decode_reply(body: &[u8]) -> Result<ReplyBody, DecodeError> {
     }
 }
 
+/// The request subject of one model: `<base>.model.<token>`, e.g.
+/// `rerank.v1.model.nvidia_2Fllama-nemotron-rerank-1b-v2` for `nvidia/llama-nemotron-rerank-1b-v2`
+/// on the base `rerank.v1`.
+///
+/// The token is the model id with ASCII letters, digits and `-` kept and every other byte of its
+/// UTF-8 (`/`, `.`, `_`, spaces...) written as `_` and two uppercase hex digits (`/` → `_2F`,
+/// `.` → `_2E`, `_` → `_5F`). So the token holds only `[A-Za-z0-9_-]` (no `.`, `*`, `>` or
+/// whitespace: always one valid NATS token, never a wildcard), and distinct ids never share a
+/// subject (the escaping can be undone). The empty id maps to the token `_`, which no other id
+/// produces. Workers subscribe to it, callers (the client's `.model(..)`, the sidecar) send to it:
+/// this function is the only place the rule lives.
+pub fn model_subject(base: &str, model_id: &str) -> String {
+    use std::fmt::Write;
+    let mut subject = format!("{base}.{MODEL_SUBJECT_INFIX}.");
+    if model_id.is_empty() {
+        subject.push('_');
+    }
+    for byte in model_id.bytes() {
+        if byte.is_ascii_alphanumeric() || byte == b'-' {
+            subject.push(char::from(byte));
+        } else {
+            // Writing to a String cannot fail.
+            let _ = write!(subject, "_{byte:02X}");
+        }
+    }
+    subject
+}
+
 /// Indices by descending score, ties by ascending index; NaN sorts last. Cut to `top_k`.
 pub fn rank(scores: &[f32], top_k: Option<u64>) -> Vec<u32> {
     let mut order: Vec<u32> = (0..scores.len() as u32).collect();
@@ -397,6 +435,47 @@ mod tests {
         assert_eq!(decode_reply(&encode(&ok)).unwrap(), ReplyBody::Ok(ok));
         let err = ErrorReply::new(ErrorCode::Overloaded, "full");
         assert_eq!(decode_reply(&encode(&err)).unwrap(), ReplyBody::Err(err));
+    }
+
+    #[test]
+    fn model_subjects_are_single_safe_tokens_and_distinct() {
+        assert_eq!(
+            model_subject(SUBJECT_V1, "nvidia/llama-nemotron-rerank-1b-v2"),
+            "rerank.v1.model.nvidia_2Fllama-nemotron-rerank-1b-v2"
+        );
+        assert_eq!(
+            model_subject("rerank.v1", "Qwen/Qwen3-Reranker-0.6B"),
+            "rerank.v1.model.Qwen_2FQwen3-Reranker-0_2E6B"
+        );
+        assert_eq!(model_subject("b", ""), "b.model._");
+        let ids = [
+            "a_2E",
+            "a.",
+            "a_",
+            "a/b",
+            "a b",
+            "a*",
+            "a>",
+            "ü",
+            "tests/fixtures/tiny-model",
+            "",
+            "_",
+            "__",
+            "A",
+            "a",
+        ];
+        let subjects: std::collections::HashSet<String> = ids
+            .iter()
+            .map(|id| model_subject("rerank.v1", id))
+            .collect();
+        assert_eq!(subjects.len(), ids.len(), "{subjects:?}");
+        for subject in &subjects {
+            let token = subject.strip_prefix("rerank.v1.model.").unwrap();
+            assert!(!token.is_empty());
+            assert!(token
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+        }
     }
 
     #[test]

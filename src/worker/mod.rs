@@ -55,8 +55,15 @@ pub struct JetStreamSettings {
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
     pub nats: NatsConfig,
-    /// The core request subject (`rerank.v1`); the jobs subject must not overlap it.
+    /// The pool's base subject (`rerank.v1`): the default model serves it, and every model serves
+    /// [`wire::model_subject`]`(subject, model id)`. The jobs subject must not overlap it.
     pub subject: String,
+    /// Whether this worker's model is the pool's default, answering requests that name no model
+    /// (those on `subject`). One model per pool should be; the JetStream intake serves only it.
+    pub default_model: bool,
+    /// The model's architecture family (config.json `model_type`, e.g. `llama_bidirec`), as
+    /// service discovery reports it.
+    pub family: String,
     pub intake: Intake,
     /// Requests decoded/tokenized/queued at once; beyond it `overloaded` is sent at once.
     pub max_inflight_requests: usize,
@@ -77,6 +84,29 @@ pub enum WorkerError {
     Subscribe { subject: String, message: String },
     #[error(transparent)]
     JobQueue(#[from] JobQueueError),
+    #[error("the JetStream intake serves the pool's default model only; run this worker (model {model}) with the core intake, or make it the default")]
+    JetStreamNotDefault { model: String },
+}
+
+/// Refuses the JetStream intake for a model that is not the pool's default: its jobs share the
+/// default's stream and consumer, so it would answer requests meant for the default model.
+pub fn check_intake(intake: &Intake, default_model: bool, model: &str) -> Result<(), WorkerError> {
+    if matches!(intake, Intake::JetStream(_)) && !default_model {
+        return Err(WorkerError::JetStreamNotDefault {
+            model: model.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// The core subjects a worker serves: its model's own subject, and the base subject when it is
+/// the pool's default.
+pub fn core_subjects(base: &str, model_id: &str, default_model: bool) -> Vec<String> {
+    let mut subjects = vec![wire::model_subject(base, model_id)];
+    if default_model {
+        subjects.push(base.to_string());
+    }
+    subjects
 }
 
 /// A started intake.
@@ -93,8 +123,11 @@ pub async fn run(
     ready: Arc<AtomicBool>,
     stop: impl Future<Output = ()>,
 ) -> Result<(), WorkerError> {
+    check_intake(&config.intake, config.default_model, &config.model.name)?;
     let client = config.nats.connect().await?;
     metrics.model_loaded.set(1);
+    let subjects = core_subjects(&config.subject, &config.model.name, config.default_model);
+    let model_subject = wire::model_subject(&config.subject, &config.model.name);
 
     // The JetStream queue first: a worker that cannot use it must not announce itself.
     let consumer = match &config.intake {
@@ -110,8 +143,15 @@ pub async fn run(
         }
     };
 
+    // The endpoint's subject: the one a caller that names no model uses (the default's base
+    // subject), else the model's own; `model_subject` is always in the metadata.
+    let core_subject = if config.default_model {
+        config.subject.clone()
+    } else {
+        model_subject.clone()
+    };
     let (endpoint_subject, queue_group, intake_name) = match &config.intake {
-        Intake::Core { queue_group } => (config.subject.clone(), queue_group.clone(), "core"),
+        Intake::Core { queue_group } => (core_subject, queue_group.clone(), "core"),
         Intake::JetStream(s) => (
             s.stream.subject.clone(),
             s.consumer.name.clone(),
@@ -120,6 +160,9 @@ pub async fn run(
     };
     let mut metadata = HashMap::new();
     metadata.insert("model".to_string(), config.model.name.clone());
+    metadata.insert("family".to_string(), config.family.clone());
+    metadata.insert("default".to_string(), config.default_model.to_string());
+    metadata.insert("model_subject".to_string(), model_subject.clone());
     metadata.insert("device".to_string(), config.model.device.clone());
     metadata.insert("dtype".to_string(), config.model.dtype.clone());
     metadata.insert(
@@ -135,7 +178,8 @@ pub async fn run(
         id: instance_id(&client),
         version: env!("CARGO_PKG_VERSION").to_string(),
         description: format!(
-            "Cross-encoder reranking; MessagePack v1 requests on {endpoint_subject} ({intake_name} intake)"
+            "Cross-encoder reranking with {} ({}); MessagePack v1 requests on {endpoint_subject} ({intake_name} intake)",
+            config.model.name, config.family
         ),
         metadata,
     };
@@ -143,7 +187,10 @@ pub async fn run(
         name: wire::SERVICE_NAME.to_string(),
         subject: endpoint_subject.clone(),
         queue_group: queue_group.clone(),
-        metadata: HashMap::from([("intake".to_string(), intake_name.to_string())]),
+        metadata: HashMap::from([
+            ("intake".to_string(), intake_name.to_string()),
+            ("model_subject".to_string(), model_subject.clone()),
+        ]),
     };
     let discovery = Discovery::start(client.clone(), identity, endpoint, stats.clone())
         .await
@@ -170,10 +217,10 @@ pub async fn run(
                 })?,
         )),
         _ => Running::Core(
-            CoreIntake::subscribe(&client, &config.subject, &queue_group)
+            CoreIntake::subscribe(&client, &subjects, &queue_group)
                 .await
                 .map_err(|e| WorkerError::Subscribe {
-                    subject: config.subject.clone(),
+                    subject: subjects.join(", "),
                     message: e.to_string(),
                 })?,
         ),
@@ -181,7 +228,7 @@ pub async fn run(
     let connection_watch = tokio::spawn(watch_connection(client.clone(), metrics.clone()));
     ready.store(true, Ordering::Release);
     metrics.ready.set(1);
-    tracing::info!(subject = %endpoint_subject, %queue_group, intake = intake_name, "worker ready");
+    tracing::info!(subject = %endpoint_subject, %model_subject, default_model = config.default_model, %queue_group, intake = intake_name, "worker ready");
 
     let in_flight = match &mut running {
         Running::Core(intake) => {

@@ -5,7 +5,8 @@
 //! - `return_documents` (default `false`, as Cohere) adds `document: {"text"}` to each result.
 //! - `relevance_score` is the **raw logit**, like our `/rerank`. Send `"normalize": true` to get
 //!   the sigmoid of the logit (0–1), which is what Cohere and Jina clients usually expect.
-//! - `model` is accepted and ignored (the pool serves one model; the response names it).
+//! - `model` picks the model (as `GET /v1/models` lists it; absent: the pool's default; unknown:
+//!   404 `model_not_found`); the response names the model that scored.
 //! - `truncate` (`END` | `NONE`) is our extension; other unknown fields are ignored.
 
 use axum::extract::State;
@@ -76,7 +77,7 @@ impl<'de> Deserialize<'de> for CohereDocument {
 /// Cohere / Jina rerank request.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 pub struct CohereRerankRequest {
-    /// Accepted for compatibility and ignored: the pool serves one model.
+    /// The model to rerank with, as `GET /v1/models` lists it (absent: the pool's default).
     #[serde(default)]
     pub model: Option<String>,
     pub query: String,
@@ -146,7 +147,7 @@ pub async fn rerank(
         top_k: body.top_n.filter(|&n| n > 0),
         ..body.length.request(body.query, documents)
     };
-    let reply = super::call(&state, request).await?;
+    let reply = super::call(&state, body.model.as_deref(), request).await?;
     let results = reply
         .ranked_indices
         .iter()

@@ -2,6 +2,7 @@
 
 pub mod cohere;
 pub mod health;
+pub mod models;
 pub mod nim;
 pub mod rerank;
 
@@ -54,10 +55,16 @@ fn span_of(reply: &RerankReply, index: u32) -> Option<Span> {
     reply.spans.as_ref()?.get(index as usize).copied()
 }
 
-/// Sends one request to the pool through the client (which sets the deadline and refuses what
-/// exceeds NATS `max_payload`), mapping failures to [`ApiError`].
-async fn call(state: &AppState, request: RerankRequest) -> Result<RerankReply, ApiError> {
-    Ok(state.inner.client.send(request).await?)
+/// Sends one request to the worker of `model` (none: the default model) through its client
+/// (which sets the deadline and refuses what exceeds NATS `max_payload`), mapping failures to
+/// [`ApiError`]; an unknown model is `model_not_found`.
+async fn call(
+    state: &AppState,
+    model: Option<&str>,
+    request: RerankRequest,
+) -> Result<RerankReply, ApiError> {
+    let client = state.inner.models.client_for(model).await?;
+    Ok(client.send(request).await?)
 }
 
 /// Logistic function, for APIs that ask for probabilities instead of logits.

@@ -2,7 +2,8 @@
 //!
 //! `{"model"?, "query": {"text"}, "passages": [{"text"}], "truncate": "NONE" | "END"}` →
 //! `{"rankings": [{"index", "logit"}], "usage": {...}}`, rankings sorted by logit, best first, raw
-//! logits as NIM returns them. Deviation: an absent `truncate` means `END` here (NIM: `NONE`), so
+//! logits as NIM returns them. `model` picks the model (absent: the pool's default; unknown: 404
+//! `model_not_found`). Deviation: an absent `truncate` means `END` here (NIM: `NONE`), so
 //! long passages are cut rather than refused unless the caller asks for `NONE`.
 
 use axum::extract::State;
@@ -25,7 +26,7 @@ pub struct NimText {
 /// NIM ranking request.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 pub struct NimRankingRequest {
-    /// Accepted for compatibility and ignored: the pool serves one model.
+    /// The model to rank with, as `GET /v1/models` lists it (absent: the pool's default).
     #[serde(default)]
     pub model: Option<String>,
     pub query: NimText,
@@ -66,7 +67,13 @@ pub async fn ranking(
     ApiJson(body): ApiJson<NimRankingRequest>,
 ) -> Result<Json<NimRankingResponse>, ApiError> {
     let passages = body.passages.into_iter().map(|p| p.text).collect();
-    let reply = super::call(&state, body.length.request(body.query.text, passages)).await?;
+    let model = body.model.as_deref();
+    let reply = super::call(
+        &state,
+        model,
+        body.length.request(body.query.text, passages),
+    )
+    .await?;
     let rankings = reply
         .ranked_indices
         .iter()

@@ -1,4 +1,5 @@
-//! `POST /rerank`: the seed service's API (`docs/seed-api.md`), unchanged.
+//! `POST /rerank`: the seed service's API (`docs/seed-api.md`), unchanged but for an optional
+//! `model` (absent: the pool's default model).
 
 use axum::extract::State;
 use axum::Json;
@@ -16,6 +17,9 @@ use super::LengthOptions;
 /// long-document options.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 pub struct RerankBody {
+    /// The model to rerank with, as `GET /v1/models` lists it (absent: the pool's default).
+    #[serde(default)]
+    pub model: Option<String>,
     pub query: String,
     pub documents: Vec<String>,
     /// Return only the best `top_k` indices in `ranked_indices` (scores stay complete).
@@ -45,7 +49,7 @@ pub async fn rerank(
         top_k: body.top_k,
         ..body.length.request(body.query, body.documents)
     };
-    let reply = super::call(&state, request).await?;
+    let reply = super::call(&state, body.model.as_deref(), request).await?;
     Ok(Json(RerankResponse {
         scores: reply.scores,
         ranked_indices: reply.ranked_indices,

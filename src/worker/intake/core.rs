@@ -1,4 +1,5 @@
-//! The core intake: a queue-group subscription on the request subject, request-reply.
+//! The core intake: queue-group subscriptions on the request subjects (the model's own subject,
+//! and `rerank.v1` for the pool's default model), request-reply.
 //!
 //! The lowest-latency path, but with no durability: a request sent while no worker subscribes
 //! fails at once (no responders), and one accepted by a worker that dies is lost unless the
@@ -15,19 +16,25 @@ use super::super::handler::{self, HandlerContext};
 
 /// A subscribed core intake.
 pub struct CoreIntake {
-    requests: async_nats::Subscriber,
+    /// One subscription per subject, all in the same queue group.
+    requests: Vec<async_nats::Subscriber>,
     handlers: JoinSet<()>,
 }
 
 impl CoreIntake {
     pub async fn subscribe(
         client: &async_nats::Client,
-        subject: &str,
+        subjects: &[String],
         queue_group: &str,
     ) -> Result<Self, async_nats::SubscribeError> {
-        let requests = client
-            .queue_subscribe(subject.to_string(), queue_group.to_string())
-            .await?;
+        let mut requests = Vec::with_capacity(subjects.len());
+        for subject in subjects {
+            requests.push(
+                client
+                    .queue_subscribe(subject.clone(), queue_group.to_string())
+                    .await?,
+            );
+        }
         Ok(Self {
             requests,
             handlers: JoinSet::new(),
@@ -41,9 +48,10 @@ impl CoreIntake {
         stop: impl std::future::Future<Output = ()>,
     ) {
         tokio::pin!(stop);
+        let mut requests = futures::stream::select_all(self.requests.iter_mut());
         loop {
             tokio::select! {
-                message = self.requests.next() => match message {
+                message = requests.next() => match message {
                     Some(message) => { self.handlers.spawn(handler::handle(ctx.clone(), message)); }
                     None => break,
                 },
@@ -60,12 +68,16 @@ impl CoreIntake {
 
     /// Drains the subscription and answers everything accepted.
     pub async fn drain(&mut self, ctx: &Arc<HandlerContext>) {
-        if let Err(e) = self.requests.drain().await {
-            tracing::warn!(error = %e, "subscription drain failed");
+        for requests in &mut self.requests {
+            if let Err(e) = requests.drain().await {
+                tracing::warn!(error = %e, "subscription drain failed");
+            }
         }
         // Messages the server sent before the UNSUB still arrive; answer them too.
-        while let Some(message) = self.requests.next().await {
-            self.handlers.spawn(handler::handle(ctx.clone(), message));
+        for requests in &mut self.requests {
+            while let Some(message) = requests.next().await {
+                self.handlers.spawn(handler::handle(ctx.clone(), message));
+            }
         }
         while self.handlers.join_next().await.is_some() {}
     }

@@ -1,0 +1,311 @@
+//! Routing by `model`: which models the pool serves (from NATS service discovery) and the client
+//! that reaches each.
+//!
+//! - No `model` (or an empty one): the pool's default model, through the sidecar's main client
+//!   (`rerank.v1`, or the JetStream jobs with `--transport jetstream`).
+//! - A `model` some worker serves: that model's subject ([`crate::wire::model_subject`]), over core
+//!   request-reply; the default model's id goes through the main client, like no `model`.
+//! - Any other `model`: 404 `model_not_found`, naming the models that are served; 503
+//!   `unavailable` when no worker answers discovery at all (nothing to compare against).
+//!
+//! The catalog is the `$SRV.INFO` replies gathered for [`SidecarConfig::models_wait`]
+//! (`crate::sidecar::SidecarConfig`), kept for [`SidecarConfig::models_ttl`]. A stale catalog
+//! still routes the models it lists (and is refreshed in the background), so a request for a
+//! known model never waits for discovery; a model missing from it triggers a refresh at most once
+//! per [`MISS_REFRESH`], so unknown names cannot turn every request into a discovery round.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::client::{RerankClient, RerankError, WorkerInfo};
+use crate::wire::ErrorCode;
+
+use super::error::ApiError;
+
+/// Shortest interval between two discovery rounds caused by an unknown model.
+pub const MISS_REFRESH: Duration = Duration::from_secs(1);
+
+/// One model the pool serves, merged over the workers that serve it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServedModel {
+    pub id: String,
+    /// Architecture family (config.json `model_type`), when the workers report it.
+    pub family: Option<String>,
+    /// Whether it answers requests that name no model.
+    pub default: bool,
+    /// Workers that answered discovery for it.
+    pub workers: usize,
+    /// Their devices (`cpu`, `cuda:0`...), sorted, without repeats.
+    pub devices: Vec<String>,
+    /// Unix seconds when this sidecar first saw it.
+    pub first_seen: u64,
+}
+
+#[derive(Default)]
+struct Catalog {
+    fetched: Option<Instant>,
+    models: Vec<ServedModel>,
+    first_seen: HashMap<String, u64>,
+    clients: HashMap<String, RerankClient>,
+}
+
+struct Inner {
+    /// The main client: the default model (core `rerank.v1` or JetStream jobs).
+    default: RerankClient,
+    /// A core NATS client on the pool's base subject: discovery and the per-model clients.
+    pool: RerankClient,
+    wait: Duration,
+    ttl: Duration,
+    catalog: Mutex<Catalog>,
+    refreshing: AtomicBool,
+}
+
+/// The sidecar's model router; cheap to clone.
+#[derive(Clone)]
+pub struct Models {
+    inner: Arc<Inner>,
+}
+
+impl Models {
+    /// `default` serves requests without a model; `pool` (core NATS on the base subject) finds
+    /// the models and reaches the others.
+    pub fn new(default: RerankClient, pool: RerankClient, wait: Duration, ttl: Duration) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                default,
+                pool,
+                wait,
+                ttl,
+                catalog: Mutex::new(Catalog::default()),
+                refreshing: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// The main client (the default model).
+    pub fn default_client(&self) -> &RerankClient {
+        &self.inner.default
+    }
+
+    /// What the pool serves, default first, then by id (discovery at most every `ttl`).
+    pub async fn list(&self) -> Result<Vec<ServedModel>, RerankError> {
+        let fresh = {
+            let catalog = self.lock();
+            catalog
+                .fetched
+                .filter(|at| at.elapsed() < self.inner.ttl)
+                .map(|_| catalog.models.clone())
+        };
+        match fresh {
+            Some(models) => Ok(models),
+            None => self.refresh().await,
+        }
+    }
+
+    /// The client for a request's `model` (see the module docs).
+    pub async fn client_for(&self, model: Option<&str>) -> Result<RerankClient, ApiError> {
+        let Some(model) = model.filter(|m| !m.is_empty()) else {
+            return Ok(self.inner.default.clone());
+        };
+        let (found, fetched) = {
+            let catalog = self.lock();
+            (self.route(&catalog, model), catalog.fetched)
+        };
+        let stale = fetched.is_none_or(|at| at.elapsed() >= self.inner.ttl);
+        if let Some(client) = found {
+            if stale {
+                self.refresh_in_background();
+            }
+            return Ok(client);
+        }
+        if fetched.is_none_or(|at| at.elapsed() >= MISS_REFRESH) {
+            self.refresh().await?;
+        }
+        let catalog = self.lock();
+        match self.route(&catalog, model) {
+            Some(client) => Ok(client),
+            None => Err(not_served(model, &catalog.models)),
+        }
+    }
+
+    /// The client that reaches `model` if the catalog lists it.
+    fn route(&self, catalog: &Catalog, model: &str) -> Option<RerankClient> {
+        let served = catalog.models.iter().find(|m| m.id == model)?;
+        if served.default {
+            return Some(self.inner.default.clone());
+        }
+        catalog.clients.get(model).cloned()
+    }
+
+    /// Gathers `$SRV.INFO` now and replaces the catalog.
+    async fn refresh(&self) -> Result<Vec<ServedModel>, RerankError> {
+        let workers = self.inner.pool.pool_workers(self.inner.wait).await?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let mut catalog = self.lock();
+        let mut models = merge(&workers);
+        for model in &mut models {
+            model.first_seen = *catalog.first_seen.entry(model.id.clone()).or_insert(now);
+            if !model.default && !catalog.clients.contains_key(&model.id) {
+                match self.inner.pool.with_model(&model.id) {
+                    Ok(client) => {
+                        catalog.clients.insert(model.id.clone(), client);
+                    }
+                    Err(e) => {
+                        tracing::warn!(model = %model.id, error = %e, "cannot route to model")
+                    }
+                }
+            }
+        }
+        // Only models that are served keep a client.
+        catalog
+            .clients
+            .retain(|id, _| models.iter().any(|m| &m.id == id));
+        catalog.models = models.clone();
+        catalog.fetched = Some(Instant::now());
+        Ok(models)
+    }
+
+    fn refresh_in_background(&self) {
+        if self.inner.refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let models = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = models.refresh().await {
+                tracing::debug!(error = %e, "model catalog refresh failed");
+            }
+            models.inner.refreshing.store(false, Ordering::Release);
+        });
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Catalog> {
+        self.inner
+            .catalog
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// One entry per model id, over the workers that loaded their model; default first, then by id.
+pub fn merge(workers: &[WorkerInfo]) -> Vec<ServedModel> {
+    let mut by_id: HashMap<&str, (ServedModel, BTreeSet<String>)> = HashMap::new();
+    for worker in workers.iter().filter(|w| w.model_loaded) {
+        let Some(id) = worker.model.as_deref() else {
+            continue;
+        };
+        let (model, devices) = by_id.entry(id).or_insert_with(|| {
+            (
+                ServedModel {
+                    id: id.to_string(),
+                    family: None,
+                    default: false,
+                    workers: 0,
+                    devices: Vec::new(),
+                    first_seen: 0,
+                },
+                BTreeSet::new(),
+            )
+        });
+        model.workers += 1;
+        model.default |= worker.default_model;
+        if model.family.is_none() {
+            model.family = worker.family.clone();
+        }
+        if let Some(device) = &worker.device {
+            devices.insert(device.clone());
+        }
+    }
+    let mut models: Vec<ServedModel> = by_id
+        .into_values()
+        .map(|(mut model, devices)| {
+            model.devices = devices.into_iter().collect();
+            model
+        })
+        .collect();
+    models.sort_by(|a, b| b.default.cmp(&a.default).then_with(|| a.id.cmp(&b.id)));
+    models
+}
+
+/// Longest part of an unknown `model` echoed in the error (the field is the caller's, of any size).
+const ECHOED_MODEL_CHARS: usize = 128;
+
+/// 404 `model_not_found` naming what is served, or 503 when nothing answered discovery.
+fn not_served(model: &str, served: &[ServedModel]) -> ApiError {
+    let model = match model.char_indices().nth(ECHOED_MODEL_CHARS) {
+        Some((cut, _)) => format!("{}…", &model[..cut]),
+        None => model.to_string(),
+    };
+    if served.is_empty() {
+        return ApiError::new(
+            ErrorCode::Unavailable,
+            format!("no worker answered service discovery, so model `{model}` cannot be reached"),
+        );
+    }
+    let names: Vec<String> = served.iter().map(|m| format!("`{}`", m.id)).collect();
+    ApiError::new(
+        ErrorCode::ModelNotFound,
+        format!(
+            "model `{model}` is not served here; the pool serves {}",
+            names.join(", ")
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn worker(model: &str, default: bool, device: &str) -> WorkerInfo {
+        WorkerInfo {
+            id: format!("{model}-{device}"),
+            model: Some(model.into()),
+            family: Some("llama_bidirec".into()),
+            default_model: default,
+            model_subject: None,
+            device: Some(device.into()),
+            dtype: None,
+            max_length: None,
+            model_loaded: true,
+            subject: None,
+        }
+    }
+
+    #[test]
+    fn workers_merge_per_model_default_first() {
+        let mut loading = worker("c", false, "cpu");
+        loading.model_loaded = false;
+        let models = merge(&[
+            worker("b", false, "cpu"),
+            worker("a", true, "cuda:0"),
+            worker("b", false, "cuda:1"),
+            worker("b", false, "cpu"),
+            loading,
+        ]);
+        let ids: Vec<&str> = models.iter().map(|m| m.id.as_str()).collect();
+        assert_eq!(ids, ["a", "b"]);
+        assert!(models[0].default && !models[1].default);
+        assert_eq!(models[1].workers, 3);
+        assert_eq!(models[1].devices, ["cpu", "cuda:1"]);
+    }
+
+    #[test]
+    fn an_unknown_model_names_the_served_ones() {
+        let served = merge(&[worker("a", true, "cpu"), worker("b", false, "cpu")]);
+        let error = not_served("x", &served);
+        assert_eq!(error.code, ErrorCode::ModelNotFound);
+        assert_eq!(error.status.as_u16(), 404);
+        assert!(
+            error.message.contains("`a`") && error.message.contains("`b`"),
+            "{}",
+            error.message
+        );
+        assert_eq!(not_served("x", &[]).code, ErrorCode::Unavailable);
+        let long = not_served(&"é".repeat(1 << 20), &served);
+        assert!(long.message.len() < 1024, "{}", long.message.len());
+    }
+}
