@@ -322,7 +322,8 @@ fn exp(x: f32) -> f32 {
     // Round to nearest without `round()` (a libm call before SSE4.1).
     const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23
     let x = x.clamp(-87.336_55, 88.376_26);
-    let k = (x * LOG2_E + ROUND) - ROUND;
+    let shifted = x * LOG2_E + ROUND;
+    let k = shifted - ROUND;
     let r = x - k * LN2_HI - k * LN2_LO;
     let p = 1.987_569_1e-4;
     let p = p * r + 1.398_2e-3;
@@ -331,7 +332,13 @@ fn exp(x: f32) -> f32 {
     let p = p * r + 0.166_666_65;
     let p = p * r + 0.5;
     let e_r = p * r * r + r + 1.0;
-    e_r * f32::from_bits(((k as i32 + 127) as u32) << 23)
+    // `shifted`'s low mantissa bits hold k as an integer: 2^k from integer ops alone (a float to
+    // int cast would not vectorize: Rust's saturating `as` becomes one scalar compare per lane).
+    let biased = shifted
+        .to_bits()
+        .wrapping_sub(ROUND.to_bits())
+        .wrapping_add(127);
+    e_r * f32::from_bits(biased << 23)
 }
 
 fn contiguous_f32<'s>(
