@@ -967,7 +967,14 @@ async fn bench_http_mode_counts_the_pairs_of_the_seed_replies() {
         .args(["bench", "--mode", "http", "--url", &sidecar.base_url()])
         .args(["--workload", "custom", "--documents", "3"])
         .args(["--min-tokens", "16", "--max-tokens", "24"])
-        .args(["--requests", "2", "--warmup-requests", "1", "--concurrency", "2"])
+        .args([
+            "--requests",
+            "2",
+            "--warmup-requests",
+            "1",
+            "--concurrency",
+            "2",
+        ])
         .output();
     let output = within(PATIENCE, "rerank bench --mode http", bench)
         .await
