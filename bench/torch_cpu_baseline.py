@@ -1,6 +1,6 @@
 """PyTorch CPU baseline for `rerank bench` on the same model and the same requests.
 
-Two commands:
+Three commands:
 
 * ``export DIR --tokenizer tokenizer.json``: writes a random llama_bidirec checkpoint in Hugging Face
   layout (config.json, model.safetensors, tokenizer.json) that `rerank bench --model DIR` loads. The
@@ -13,6 +13,12 @@ Two commands:
   forward at a time, as one uvicorn worker with one model serves them). The requests are generated
   exactly as `rerank bench --workload seed` generates them (same SplitMix64 stream, same words), so
   both sides score the same pairs. Prints one JSON line, shaped like `rerank bench`'s.
+
+* ``serve DIR --port P``: the seed-style service itself: one FastAPI + uvicorn process on 127.0.0.1
+  answering the seed API (``POST /rerank`` ``{"query", "documents"}`` -> ``{"scores",
+  "ranked_indices"}``, ``GET /health``) with the same hot path as ``bench`` (the ``HotPath`` class:
+  requests are tokenized on uvicorn's thread pool, one forward at a time behind the lock).
+  `rerank bench --mode http --url http://127.0.0.1:P` drives it (bench/cpu.sh does).
 
 ``--scores-out FILE`` writes the scores of the first ``--check-requests`` measured requests, so a
 caller can compare them with `rerank score` (bench/cpu.sh does).
@@ -149,30 +155,45 @@ def percentile(sorted_samples, q):
     return sorted_samples[min(i, len(sorted_samples) - 1)]
 
 
-def bench(args):
-    import torch
-    from safetensors.torch import load_file
-    from tokenizers import Tokenizer
+class HotPath:
+    """The seed service's work for one request, shared by ``bench`` and ``serve``: tokenize the
+    pairs, pad to the longest, one fp32 eager forward at a time (the lock), pooled score / T."""
 
-    with open(os.path.join(args.dir, "config.json")) as f:
-        cfg = json.load(f)
-    model = build(cfg, args.threads)
-    model.load_state_dict(load_file(os.path.join(args.dir, "model.safetensors")), strict=False)
-    tok = Tokenizer.from_file(os.path.join(args.dir, "tokenizer.json"))
-    tok.enable_truncation(args.max_length)
-    tok.enable_padding(pad_id=cfg["pad_token_id"], direction="right")
+    def __init__(self, model_dir, threads, max_length):
+        import torch
+        from safetensors.torch import load_file
+        from tokenizers import Tokenizer
 
-    everything = workload(args.warmup_requests + args.requests, seed=args.seed)
-    warmup, measured = everything[:args.warmup_requests], everything[args.warmup_requests:]
-    lock = threading.Lock()
+        self.torch = torch
+        with open(os.path.join(model_dir, "config.json")) as f:
+            cfg = json.load(f)
+        self.model = build(cfg, threads)
+        self.model.load_state_dict(load_file(os.path.join(model_dir, "model.safetensors")),
+                                   strict=False)
+        self.tok = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
+        self.tok.enable_truncation(max_length)
+        self.tok.enable_padding(pad_id=cfg["pad_token_id"], direction="right")
+        self.lock = threading.Lock()
 
-    def handle(query, docs):
-        encodings = tok.encode_batch([f"question:{query} \n \n passage:{d}" for d in docs])
+    def __call__(self, query, docs):
+        """(scores, real tokens, padded tokens) of one request."""
+        if not docs:
+            return [], 0, 0
+        torch = self.torch
+        encodings = self.tok.encode_batch([f"question:{query} \n \n passage:{d}" for d in docs])
         ids = torch.tensor([e.ids for e in encodings])
         mask = torch.tensor([e.attention_mask for e in encodings])
-        with lock:
-            scores = model(ids, mask)
+        with self.lock:
+            scores = self.model(ids, mask)
         return scores.tolist(), int(mask.sum()), int(mask.numel())
+
+
+def bench(args):
+    import torch
+
+    handle = HotPath(args.dir, args.threads, args.max_length)
+    everything = workload(args.warmup_requests + args.requests, seed=args.seed)
+    warmup, measured = everything[:args.warmup_requests], everything[args.warmup_requests:]
 
     def run(requests):
         results = [None] * len(requests)
@@ -218,6 +239,34 @@ def bench(args):
                 f.write(json.dumps({"query": query, "documents": docs, "scores": r[1]}) + "\n")
 
 
+def serve(args):
+    """The seed API on 127.0.0.1:PORT; a sync route, so uvicorn runs requests on its thread pool
+    and ``HotPath``'s lock keeps one forward at a time."""
+    import uvicorn
+    from fastapi import FastAPI
+    from pydantic import BaseModel
+
+    handle = HotPath(args.dir, args.threads, args.max_length)
+    app = FastAPI()
+
+    class RerankBody(BaseModel):
+        query: str
+        documents: list[str]
+
+    @app.post("/rerank")
+    def rerank(body: RerankBody):
+        scores = handle(body.query, body.documents)[0]
+        # Descending score, ties by ascending index (sorted is stable).
+        ranked = sorted(range(len(scores)), key=lambda i: -scores[i])
+        return {"scores": scores, "ranked_indices": ranked}
+
+    @app.get("/health")
+    def health():
+        return {"status": "healthy", "model_loaded": True, "device": "cpu"}
+
+    uvicorn.run(app, host="127.0.0.1", port=args.port, workers=1, log_level="warning")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -240,8 +289,13 @@ def main():
     b.add_argument("--max-length", type=int, default=512)
     b.add_argument("--scores-out")
     b.add_argument("--check-requests", type=int, default=4)
+    s = sub.add_parser("serve")
+    s.add_argument("dir")
+    s.add_argument("--port", type=int, required=True)
+    s.add_argument("--threads", type=int, default=2)
+    s.add_argument("--max-length", type=int, default=512)
     args = p.parse_args()
-    export(args) if args.command == "export" else bench(args)
+    dict(export=export, bench=bench, serve=serve)[args.command](args)
 
 
 if __name__ == "__main__":

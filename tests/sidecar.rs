@@ -975,3 +975,40 @@ async fn measure_sidecar_overhead_and_throughput() {
     )
     .await;
 }
+
+/// `rerank bench --mode http` drives the sidecar through the seed API and counts what came back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_http_mode_counts_the_pairs_of_the_seed_replies() {
+    let nats = NatsServer::start();
+    let _worker = WorkerProcess::start(&nats.url(), &[]);
+    let sidecar = Sidecar::start(&nats.url()).await;
+    let bench = tokio::process::Command::new(rerank_bin())
+        .args(["bench", "--mode", "http", "--url", &sidecar.base_url()])
+        .args(["--workload", "custom", "--documents", "3"])
+        .args(["--min-tokens", "16", "--max-tokens", "24"])
+        .args([
+            "--requests",
+            "2",
+            "--warmup-requests",
+            "1",
+            "--concurrency",
+            "2",
+        ])
+        .output();
+    let output = within(PATIENCE, "rerank bench --mode http", bench)
+        .await
+        .expect("rerank bench runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_str(stdout.trim()).expect("one JSON report");
+    assert_eq!(report["mode"], "http", "{report}");
+    assert_eq!(report["requests"], 2, "{report}");
+    assert_eq!(report["failed"], 0, "{report}");
+    assert_eq!(report["pairs"], 6, "{report}");
+    // The seed reply carries no usage.
+    assert_eq!(report["real_tokens"], 0, "{report}");
+}

@@ -1,5 +1,6 @@
-//! `rerank bench`: drive the real batcher (or a worker pool over NATS) with a seeded workload and
-//! report throughput, latency percentiles, padding and batch shapes as one JSON object.
+//! `rerank bench`: drive the real batcher (or a worker pool over NATS, or any service that speaks
+//! the seed's `POST /rerank` over HTTP) with a seeded workload and report throughput, latency
+//! percentiles, padding and batch shapes as one JSON object.
 //!
 //! Workloads mirror `bench/torch_baseline.py`: `seed` is the user's service shape (15 documents
 //! of 60–268 tokens per request), `long` is 100 documents of ~512 tokens, `custom` takes the flags.
@@ -14,6 +15,7 @@ use serde::Serialize;
 
 use prometheus::core::Metric;
 
+use crate::client::{RerankClient, RerankClientBuilder};
 use crate::engine::{Engine, EngineMetrics, ScoreRequest, Timings};
 use crate::wire::{self, ReplyBody, RerankRequest};
 
@@ -28,6 +30,10 @@ pub enum BenchMode {
     Engine,
     /// Send MessagePack requests over NATS to whatever workers serve --subject.
     Nats,
+    /// `POST {--url}/rerank` in the seed's JSON shape (`docs/seed-api.md`): our sidecar, or any
+    /// seed-style service such as `bench/torch_cpu_baseline.py serve`. The seed reply carries no
+    /// token usage, so `real_tokens` is 0 and `pairs` counts the scores returned.
+    Http,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -70,9 +76,12 @@ pub struct BenchArgs {
     pub truncate: TruncateArg,
     #[arg(long, default_value_t = DEFAULT_CHUNK_OVERLAP)]
     pub chunk_overlap: usize,
-    /// Per-request timeout in NATS mode, seconds.
+    /// Per-request timeout in NATS and HTTP modes, seconds.
     #[arg(long, default_value_t = 60)]
     pub timeout: u64,
+    /// HTTP mode: the service's base URL (requests go to `{url}/rerank`).
+    #[arg(long, default_value = "http://127.0.0.1:8001")]
+    pub url: String,
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
@@ -296,6 +305,20 @@ where
     (outcomes, started.elapsed())
 }
 
+/// Sends the warm-up requests, then the measured ones (only those are returned), through `call`.
+async fn warm_then_measure<F>(
+    warmup: Vec<(String, Vec<String>)>,
+    measured: Vec<(String, Vec<String>)>,
+    concurrency: usize,
+    call: F,
+) -> (Vec<Outcome>, Duration)
+where
+    F: Fn(String, Vec<String>) -> CallFuture + Clone + Send + Sync + 'static,
+{
+    run_callers(warmup, concurrency, call.clone()).await;
+    run_callers(measured, concurrency, call).await
+}
+
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let total = args.warmup_requests + args.requests;
     let mut requests = workload_requests(&args.workload_spec(), total);
@@ -350,6 +373,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             ));
             report
         }
+        BenchMode::Http => {
+            let call = client_call(
+                RerankClient::builder().http(args.url.clone()),
+                Duration::from_secs(args.timeout),
+            )?;
+            let (outcomes, elapsed) =
+                warm_then_measure(warmup, measured, args.concurrency, call).await;
+            summarize(&args, "remote", "remote", outcomes, elapsed)
+        }
         BenchMode::Nats => {
             let client = args
                 .nats
@@ -359,13 +391,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 .context("bench needs a NATS server with workers")?;
             let timeout = Duration::from_secs(args.timeout);
             let (outcomes, elapsed) = if args.intake == IntakeKind::Jetstream {
-                let call = jetstream_call(client, args.jobs.jobs_subject.clone(), timeout)?;
-                run_callers(warmup, args.concurrency, call.clone()).await;
-                run_callers(measured, args.concurrency, call).await
+                let builder =
+                    RerankClient::builder().jetstream(client, args.jobs.jobs_subject.clone());
+                let call = client_call(builder, timeout)?;
+                warm_then_measure(warmup, measured, args.concurrency, call).await
             } else {
                 let call = nats_call(client, args.nats.subject.clone(), timeout);
-                run_callers(warmup, args.concurrency, call.clone()).await;
-                run_callers(measured, args.concurrency, call).await
+                warm_then_measure(warmup, measured, args.concurrency, call).await
             };
             let mut report = summarize(&args, "remote", "remote", outcomes, elapsed);
             report.mode = format!("nats-{:?}", args.intake).to_lowercase();
@@ -456,17 +488,14 @@ fn nats_call(
     }
 }
 
-/// One job per call through the client's JetStream transport (no retries).
-fn jetstream_call(
-    client: async_nats::Client,
-    jobs_subject: String,
+/// One request per call through a [`RerankClient`] (JetStream jobs or HTTP; built without
+/// retries, so a failure counts as one). Over HTTP the seed reply has no usage: the pairs are the
+/// scores returned and the tokens 0.
+fn client_call(
+    transport: RerankClientBuilder,
     timeout: Duration,
 ) -> anyhow::Result<impl Fn(String, Vec<String>) -> CallFuture + Clone + Send + Sync + 'static> {
-    let client = crate::client::RerankClient::builder()
-        .jetstream(client, jobs_subject)
-        .timeout(timeout)
-        .retries(0)
-        .build()?;
+    let client = transport.timeout(timeout).retries(0).build()?;
     Ok(move |query, documents| {
         let client = client.clone();
         Box::pin(async move {
@@ -479,7 +508,8 @@ fn jetstream_call(
                 })
                 .await
                 .ok()?;
-            Some((started.elapsed(), reply.usage.pairs, reply.usage.tokens))
+            let pairs = reply.usage.pairs.max(reply.scores.len() as u64);
+            Some((started.elapsed(), pairs, reply.usage.tokens))
         }) as CallFuture
     })
 }
