@@ -3,7 +3,9 @@
 use anyhow::Context;
 
 use crate::engine::{Engine, EngineConfig, EngineMetrics};
-use crate::model::{self, ModelConfig, ModelFiles, ModelInfo, PairTokenizer};
+use crate::model::{
+    self, family, ModelConfig, ModelFiles, ModelInfo, PairEncoder, PairTokenizer, Reranker,
+};
 
 use super::args::ModelArgs;
 
@@ -25,26 +27,36 @@ pub async fn start_engine(
         model::MAX_SUPPORTED_LENGTH
     );
     tracing::info!(model = %args.model, device = %args.device, dtype = model::dtype_name(dtype), "loading model");
-    let (encoder, tokenizer, name) = if args.random_weights {
-        let tokenizer_path = args
-            .tokenizer
-            .clone()
-            .context("--random-weights needs --tokenizer <tokenizer.json>")?;
-        let config = ModelConfig::nemotron_rerank_1b_v2();
-        let encoder = model::random_model(&config, dtype, &device, max_length)?;
-        let tokenizer = PairTokenizer::from_file(&tokenizer_path, max_length)?;
-        (encoder, tokenizer, "random-weights-1b".to_string())
-    } else {
-        let files = ModelFiles::resolve(&args.model, &args.revision).await?;
-        let config = ModelConfig::from_file(&files.config)?;
-        let tokenizer_path = args.tokenizer.clone().unwrap_or(files.tokenizer.clone());
-        let tokenizer = PairTokenizer::from_file(&tokenizer_path, max_length)?;
-        let encoder = tokio::task::spawn_blocking(move || {
-            files.load_model(&config, dtype, &device, max_length)
-        })
-        .await??;
-        (encoder, tokenizer, args.model.clone())
-    };
+    let (encoder, tokenizer, name): (Box<dyn Reranker>, Box<dyn PairEncoder>, String) =
+        if args.random_weights {
+            let tokenizer_path = args
+                .tokenizer
+                .clone()
+                .context("--random-weights needs --tokenizer <tokenizer.json>")?;
+            let config = ModelConfig::nemotron_rerank_1b_v2();
+            let encoder = model::random_model(&config, dtype, &device, max_length)?;
+            let tokenizer = PairTokenizer::from_file(&tokenizer_path, max_length)?;
+            (
+                Box::new(encoder),
+                Box::new(tokenizer),
+                "random-weights-1b".to_string(),
+            )
+        } else {
+            let files = ModelFiles::resolve(&args.model, &args.revision).await?;
+            let tokenizer_path = args.tokenizer.clone();
+            let loaded = tokio::task::spawn_blocking(move || {
+                family::load(
+                    &files,
+                    tokenizer_path.as_deref(),
+                    dtype,
+                    &device,
+                    max_length,
+                )
+            })
+            .await??;
+            tracing::info!(family = loaded.family.name(), "model family");
+            (loaded.reranker, loaded.encoder, args.model.clone())
+        };
     let info = ModelInfo {
         name,
         device: model::device_name(encoder.device()),

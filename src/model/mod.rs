@@ -6,6 +6,7 @@ mod attention;
 mod config;
 mod cross_encoder;
 mod error;
+pub mod family;
 mod layers;
 mod packed;
 mod rope;
@@ -15,10 +16,11 @@ mod weights;
 pub use config::{Llama3RopeScaling, ModelConfig};
 pub use cross_encoder::CrossEncoder;
 pub use error::ModelError;
+pub use family::{Family, LoadedModel, PairEncoder, Reranker, SequenceRef};
 pub use rope::inverse_frequencies;
 pub use tokenizer::{
     ChunkPolicy, EncodePairsError, EncodedPair, EncodedQuery, PairTokenizer, QueryTooLong,
-    TokenizeWork, TooLong, Truncation, DEFAULT_CHUNK_OVERLAP, DEFAULT_MAX_CHUNKS_PER_DOC,
+    TokenizeWork, TooLong, Truncation, UnsupportedPair, DEFAULT_CHUNK_OVERLAP, DEFAULT_MAX_CHUNKS_PER_DOC,
     MAX_SUPPORTED_LENGTH,
 };
 pub use weights::{random_model, ModelFiles, DEFAULT_MODEL_ID};
