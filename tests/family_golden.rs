@@ -133,10 +133,7 @@ fn every_family_matches_transformers() {
                 worst = worst.max((a - b).abs());
             }
             // The same pairs in one padded batch, and reversed.
-            let batched = loaded
-                .reranker
-                .score_sequences(&sequences)
-                .expect("batch");
+            let batched = loaded.reranker.score_sequences(&sequences).expect("batch");
             assert_close(&batched, &alone, BATCH_TOL, &format!("{what}: batch"));
             let reversed: Vec<SequenceRef<'_>> = sequences.iter().rev().copied().collect();
             let mut back = loaded.reranker.score_sequences(&reversed).expect("batch");
@@ -164,7 +161,10 @@ fn tokenizing_is_bounded_by_max_length_not_by_the_document() {
         };
         let a = encode(&small, &mut small_work);
         let b = encode(&huge, &mut huge_work);
-        assert_eq!(a[0].ids, b[0].ids, "{dir}: the first tokens do not depend on the rest");
+        assert_eq!(
+            a[0].ids, b[0].ids,
+            "{dir}: the first tokens do not depend on the rest"
+        );
         assert_eq!(a[0].ids.len(), 64, "{dir}");
         assert!(
             huge_work.bytes <= 64 * 1024,
@@ -172,13 +172,14 @@ fn tokenizing_is_bounded_by_max_length_not_by_the_document() {
             huge_work.bytes
         );
         let mut none_work = TokenizeWork::default();
-        let refused = loaded.encoder.encode_pairs_counting(
-            "q",
-            &[&huge],
-            Truncation::None,
-            &mut none_work,
+        let refused =
+            loaded
+                .encoder
+                .encode_pairs_counting("q", &[&huge], Truncation::None, &mut none_work);
+        assert!(
+            matches!(refused, Err(EncodePairsError::TooLong(_))),
+            "{dir}"
         );
-        assert!(matches!(refused, Err(EncodePairsError::TooLong(_))), "{dir}");
         assert!(none_work.bytes <= 64 * 1024, "{dir}: {}", none_work.bytes);
         let chunk = loaded.encoder.encode_pairs_counting(
             "q",
@@ -201,7 +202,10 @@ fn rerank_score_serves_every_family() {
     let golden = golden();
     for fam in &golden.families {
         let case = &fam.cases[0];
-        assert_eq!(case.max_length, 512, "the first case runs at the CLI default");
+        assert_eq!(
+            case.max_length, 512,
+            "the first case runs at the CLI default"
+        );
         let mut child = Command::new(rerank_bin())
             .arg("score")
             .arg("--model")

@@ -26,7 +26,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, Notify};
 
-use crate::model::{EncodePairsError, PairEncoder, Reranker, SequenceRef, TokenizeWork, Truncation};
+use crate::model::{
+    EncodePairsError, PairEncoder, Reranker, SequenceRef, TokenizeWork, Truncation,
+};
 use executor::Executor;
 
 /// Batching limits.
@@ -373,7 +375,8 @@ impl Executor {
         let row = tokens.min(self.model.max_positions()).max(1);
         let rows = (tokens / row).max(1);
         let sequence = vec![0u32; row];
-        let batch: Vec<SequenceRef<'_>> = (0..rows).map(|_| SequenceRef::single(&sequence)).collect();
+        let batch: Vec<SequenceRef<'_>> =
+            (0..rows).map(|_| SequenceRef::single(&sequence)).collect();
         self.model
             .score_sequences(&batch)
             .map(|_| ())

@@ -20,8 +20,8 @@ pub use family::{Family, LoadedModel, PairEncoder, Reranker, SequenceRef};
 pub use rope::inverse_frequencies;
 pub use tokenizer::{
     ChunkPolicy, EncodePairsError, EncodedPair, EncodedQuery, PairTokenizer, QueryTooLong,
-    TokenizeWork, TooLong, Truncation, UnsupportedPair, DEFAULT_CHUNK_OVERLAP, DEFAULT_MAX_CHUNKS_PER_DOC,
-    MAX_SUPPORTED_LENGTH,
+    TokenizeWork, TooLong, Truncation, UnsupportedPair, DEFAULT_CHUNK_OVERLAP,
+    DEFAULT_MAX_CHUNKS_PER_DOC, MAX_SUPPORTED_LENGTH,
 };
 pub use weights::{random_model, ModelFiles, DEFAULT_MODEL_ID};
 

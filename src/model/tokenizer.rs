@@ -704,7 +704,9 @@ pub enum EncodePairsError {
 pub enum UnsupportedPair {
     #[error("truncate CHUNK is not supported for {family} models; use END or NONE")]
     Chunk { family: &'static str },
-    #[error("the query has more than {max_length} tokens and so has document {doc_index}: which one \
-        keeps the odd token under longest_first truncation is not computed; shorten the query")]
+    #[error(
+        "the query has more than {max_length} tokens and so has document {doc_index}: which one \
+        keeps the odd token under longest_first truncation is not computed; shorten the query"
+    )]
     QueryAndDocumentTooLong { doc_index: usize, max_length: usize },
 }

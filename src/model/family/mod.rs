@@ -40,7 +40,8 @@ pub enum Family {
 }
 
 /// What [`ModelError::UnsupportedFamily`] lists.
-pub const SUPPORTED_FAMILIES: &str = "llama_bidirec (LlamaBidirectionalForSequenceClassification), \
+pub const SUPPORTED_FAMILIES: &str =
+    "llama_bidirec (LlamaBidirectionalForSequenceClassification), \
     bert (BertForSequenceClassification), xlm-roberta (XLMRobertaForSequenceClassification)";
 
 impl Family {
@@ -84,9 +85,7 @@ impl Family {
         let family = match model_type {
             "llama_bidirec" => Some(Family::LlamaBidirec),
             "bert" if has("BertForSequenceClassification") => Some(Family::Bert),
-            "xlm-roberta" if has("XLMRobertaForSequenceClassification") => {
-                Some(Family::XlmRoberta)
-            }
+            "xlm-roberta" if has("XLMRobertaForSequenceClassification") => Some(Family::XlmRoberta),
             _ => None,
         };
         family.ok_or_else(|| ModelError::UnsupportedFamily {
@@ -272,7 +271,11 @@ fn padded_batch(
     sequences: &[SequenceRef<'_>],
     pad_id: u32,
     device: &Device,
-) -> candle_core::Result<(candle_core::Tensor, candle_core::Tensor, candle_core::Tensor)> {
+) -> candle_core::Result<(
+    candle_core::Tensor,
+    candle_core::Tensor,
+    candle_core::Tensor,
+)> {
     let longest = sequences.iter().map(|s| s.ids.len()).max().unwrap_or(0);
     let rows = sequences.len();
     let mut ids = Vec::with_capacity(rows * longest);
@@ -354,8 +357,10 @@ mod tests {
             Family::LlamaBidirec
         );
         assert_eq!(
-            detect(json!({"model_type": "bert", "architectures": ["BertForSequenceClassification"]}))
-                .unwrap(),
+            detect(
+                json!({"model_type": "bert", "architectures": ["BertForSequenceClassification"]})
+            )
+            .unwrap(),
             Family::Bert
         );
         assert_eq!(
@@ -368,16 +373,27 @@ mod tests {
 
     #[test]
     fn unsupported_families_are_named_with_the_supported_list() {
-        let e = Family::from_config(&json!({"model_type": "bert", "architectures": ["BertForMaskedLM"]}))
-            .unwrap_err();
+        let e = Family::from_config(
+            &json!({"model_type": "bert", "architectures": ["BertForMaskedLM"]}),
+        )
+        .unwrap_err();
         assert!(matches!(e, ModelError::UnsupportedFamily { .. }), "{e}");
         let message = e.to_string();
-        assert!(message.contains("`bert`") && message.contains("BertForMaskedLM"), "{message}");
-        assert!(message.contains("XLMRobertaForSequenceClassification"), "{message}");
+        assert!(
+            message.contains("`bert`") && message.contains("BertForMaskedLM"),
+            "{message}"
+        );
+        assert!(
+            message.contains("XLMRobertaForSequenceClassification"),
+            "{message}"
+        );
         let message = Family::from_config(&json!({"model_type": "qwen3"}))
             .unwrap_err()
             .to_string();
-        assert!(message.contains("`qwen3`") && message.contains("llama_bidirec"), "{message}");
+        assert!(
+            message.contains("`qwen3`") && message.contains("llama_bidirec"),
+            "{message}"
+        );
         let message = Family::from_config(&json!({})).unwrap_err().to_string();
         assert!(message.contains("<missing>"), "{message}");
     }
@@ -398,8 +414,17 @@ mod tests {
             &Device::Cpu,
         )
         .unwrap();
-        assert_eq!(ids.to_vec2::<u32>().unwrap(), vec![vec![1, 2, 3, 4], vec![5, 6, 0, 0]]);
-        assert_eq!(types.to_vec2::<u32>().unwrap(), vec![vec![0, 0, 1, 1], vec![0, 0, 0, 0]]);
-        assert_eq!(mask.to_vec2::<u32>().unwrap(), vec![vec![1, 1, 1, 1], vec![1, 1, 0, 0]]);
+        assert_eq!(
+            ids.to_vec2::<u32>().unwrap(),
+            vec![vec![1, 2, 3, 4], vec![5, 6, 0, 0]]
+        );
+        assert_eq!(
+            types.to_vec2::<u32>().unwrap(),
+            vec![vec![0, 0, 1, 1], vec![0, 0, 0, 0]]
+        );
+        assert_eq!(
+            mask.to_vec2::<u32>().unwrap(),
+            vec![vec![1, 1, 1, 1], vec![1, 1, 0, 0]]
+        );
     }
 }

@@ -170,10 +170,7 @@ impl SegmentPairTokenizer {
         };
         // The engine carries one segment boundary per sequence: token types must be 0… then 1….
         let mut work = TokenizeWork::default();
-        let probe = this.join(
-            &this.encode("a", &mut work)?,
-            this.encode("b", &mut work)?,
-        )?;
+        let probe = this.join(&this.encode("a", &mut work)?, this.encode("b", &mut work)?)?;
         let types = probe.get_type_ids();
         if types.windows(2).any(|w| w[1] < w[0]) || types.iter().any(|&t| t > 1) {
             return Err(invalid(format!(
@@ -296,7 +293,9 @@ impl SegmentPairTokenizer {
         limit: usize,
         work: &mut TokenizeWork,
     ) -> Result<Segment, ModelError> {
-        let mut window = limit.saturating_add(1).saturating_mul(PREFIX_BYTES_PER_TOKEN);
+        let mut window = limit
+            .saturating_add(1)
+            .saturating_mul(PREFIX_BYTES_PER_TOKEN);
         if text.len() <= window {
             return self.encode(text, work).map(Segment::Whole);
         }

@@ -37,7 +37,8 @@ impl XlmRobertaReranker {
             return Err(ModelError::Unsupported {
                 field: "dtype",
                 value: crate::model::dtype_name(dtype).to_string(),
-                supported: "f32 (candle-transformers computes XLM-RoBERTa positions in the compute dtype)",
+                supported:
+                    "f32 (candle-transformers computes XLM-RoBERTa positions in the compute dtype)",
             });
         }
         if config.position_embedding_type != "absolute" {
