@@ -1,9 +1,10 @@
 //! The device thread: the only code that runs the model.
 //!
-//! A plain `std::thread` owning the model (a [`Reranker`] of any family, and so the device). It receives batches over a
-//! channel (already packed under the real-token budget by the queue), runs one packed forward pass
-//! per batch (no padding, so no length sorting or splitting), then hands scores to each request's
-//! accumulator. It never awaits and knows nothing of NATS or HTTP.
+//! A plain `std::thread` owning the model (a [`Reranker`] of any family, and so the device). It
+//! receives batches over a channel (already formed under the real-token budget by the queue), runs
+//! one forward pass per batch (packed, without padding, for the default family; padded to the
+//! batch's longest pair for the encoder families), then hands scores to each request's accumulator.
+//! It never awaits and knows nothing of NATS or HTTP.
 
 use std::time::Instant;
 
