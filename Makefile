@@ -63,6 +63,7 @@ golden: tests/fixtures/tokenizer/tokenizer.json
 	$(PYTHON) -m venv $(TOOLS)/golden-venv
 	$(TOOLS)/golden-venv/bin/pip install --quiet -r tests/fixtures/requirements-golden.txt
 	$(TOOLS)/golden-venv/bin/python tests/fixtures/make_golden.py
+	$(TOOLS)/golden-venv/bin/python tests/fixtures/make_golden_families.py
 
 ## cuda: the CUDA binary, built without a GPU (toolkit from PyPI wheels; see bench/README.md).
 cuda:

@@ -3,7 +3,7 @@
 
 use clap::Args;
 
-use crate::model::{ModelConfig, ModelFiles, DEFAULT_MODEL_ID};
+use crate::model::{Family, ModelConfig, ModelFiles, DEFAULT_MODEL_ID};
 
 #[derive(Debug, Args)]
 pub struct DownloadArgs {
@@ -17,7 +17,9 @@ pub struct DownloadArgs {
 pub async fn run(args: DownloadArgs) -> anyhow::Result<()> {
     let files = ModelFiles::resolve(&args.model, &args.revision).await?;
     // Parse the config now so a wrong revision fails the Job, not the worker.
-    ModelConfig::from_file(&files.config)?;
+    if Family::detect(&files.config)? == Family::LlamaBidirec {
+        ModelConfig::from_file(&files.config)?;
+    }
     tracing::info!(config = %files.config.display(), shards = files.weights.len(), "model files present");
     println!(
         "{}",

@@ -3,18 +3,15 @@
 use anyhow::Context;
 
 use crate::engine::{Engine, EngineConfig, EngineMetrics};
-use crate::model::{self, ModelConfig, ModelFiles, ModelInfo, PairTokenizer};
+use crate::model::{
+    self, family, family::Family, ModelConfig, ModelFiles, ModelInfo, PairEncoder, PairTokenizer,
+    Reranker,
+};
 
 use super::args::ModelArgs;
 
-/// The architecture family of a model, as service discovery names it: config.json's
-/// `model_type` (`llama_bidirec` today).
-pub fn model_family(config: &ModelConfig) -> String {
-    config.model_type.clone()
-}
-
 /// Resolves, loads and warms up the model, returning a ready engine, what it reports (named by
-/// --served-model-name) and its [family](model_family).
+/// --served-model-name) and its family's name (as service discovery reports it).
 pub async fn start_engine(
     args: &ModelArgs,
     config: EngineConfig,
@@ -32,31 +29,46 @@ pub async fn start_engine(
         model::MAX_SUPPORTED_LENGTH
     );
     tracing::info!(model = %args.model, device = %args.device, dtype = model::dtype_name(dtype), "loading model");
-    let (encoder, tokenizer, name, family) = if args.random_weights {
-        let tokenizer_path = args
-            .tokenizer
-            .clone()
-            .context("--random-weights needs --tokenizer <tokenizer.json>")?;
-        let config = ModelConfig::nemotron_rerank_1b_v2();
-        let encoder = model::random_model(&config, dtype, &device, max_length)?;
-        let tokenizer = PairTokenizer::from_file(&tokenizer_path, max_length)?;
-        let name = args
-            .served_model_name
-            .clone()
-            .unwrap_or_else(|| "random-weights-1b".to_string());
-        (encoder, tokenizer, name, model_family(&config))
-    } else {
-        let files = ModelFiles::resolve(&args.model, &args.revision).await?;
-        let config = ModelConfig::from_file(&files.config)?;
-        let family = model_family(&config);
-        let tokenizer_path = args.tokenizer.clone().unwrap_or(files.tokenizer.clone());
-        let tokenizer = PairTokenizer::from_file(&tokenizer_path, max_length)?;
-        let encoder = tokio::task::spawn_blocking(move || {
-            files.load_model(&config, dtype, &device, max_length)
-        })
-        .await??;
-        (encoder, tokenizer, args.served_id().to_string(), family)
-    };
+    let (encoder, tokenizer, name, family): (Box<dyn Reranker>, Box<dyn PairEncoder>, String, Family) =
+        if args.random_weights {
+            let tokenizer_path = args
+                .tokenizer
+                .clone()
+                .context("--random-weights needs --tokenizer <tokenizer.json>")?;
+            let config = ModelConfig::nemotron_rerank_1b_v2();
+            let encoder = model::random_model(&config, dtype, &device, max_length)?;
+            let tokenizer = PairTokenizer::from_file(&tokenizer_path, max_length)?;
+            let name = args
+                .served_model_name
+                .clone()
+                .unwrap_or_else(|| "random-weights-1b".to_string());
+            (
+                Box::new(encoder),
+                Box::new(tokenizer),
+                name,
+                Family::LlamaBidirec,
+            )
+        } else {
+            let files = ModelFiles::resolve(&args.model, &args.revision).await?;
+            let tokenizer_path = args.tokenizer.clone();
+            let loaded = tokio::task::spawn_blocking(move || {
+                family::load(
+                    &files,
+                    tokenizer_path.as_deref(),
+                    dtype,
+                    &device,
+                    max_length,
+                )
+            })
+            .await??;
+            (
+                loaded.reranker,
+                loaded.encoder,
+                args.served_id().to_string(),
+                loaded.family,
+            )
+        };
+    let family = family.name().to_string();
     let info = ModelInfo {
         name,
         device: model::device_name(encoder.device()),

@@ -1,6 +1,6 @@
 //! Why the engine could not score a request.
 
-use crate::model::{QueryTooLong, TooLong};
+use crate::model::{QueryTooLong, TooLong, UnsupportedPair};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {
@@ -16,6 +16,9 @@ pub enum EngineError {
     DocumentTooLong(#[from] TooLong),
     #[error(transparent)]
     QueryTooLong(#[from] QueryTooLong),
+    /// What the model family's pair encoding cannot do (e.g. CHUNK for BERT-style models).
+    #[error(transparent)]
+    Unsupported(#[from] UnsupportedPair),
     #[error(
         "the queue holds {queued} of {capacity} pairs; {requested} more do not fit, retry later"
     )]

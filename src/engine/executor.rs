@@ -1,22 +1,24 @@
 //! The device thread: the only code that runs the model.
 //!
-//! A plain `std::thread` owning the [`CrossEncoder`] (and so the device). It receives batches over a
-//! channel (already packed under the real-token budget by the queue), runs one packed forward pass
-//! per batch (no padding, so no length sorting or splitting), then hands scores to each request's
-//! accumulator. It never awaits and knows nothing of NATS or HTTP.
+//! A plain `std::thread` owning the model (a [`Reranker`] of any family, and so the device). It
+//! receives batches over a channel (already formed under the real-token budget by the queue), runs
+//! one forward pass per batch (packed, without padding, for the default family; padded to the
+//! batch's longest pair for the encoder families), then hands scores to each request's accumulator.
+//! It never awaits and knows nothing of NATS or HTTP.
 
 use std::time::Instant;
 
 use tokio::sync::mpsc;
 
-use crate::model::CrossEncoder;
+use crate::model::{Reranker, SequenceRef};
 
 use super::metrics::EngineMetrics;
 use super::queue::Batch;
 use super::EngineError;
 
 pub struct Executor {
-    pub model: CrossEncoder,
+    /// Any family's model; the executor does not know which.
+    pub model: Box<dyn Reranker>,
     pub fault_batch_delay: std::time::Duration,
     pub metrics: EngineMetrics,
 }
@@ -64,9 +66,16 @@ impl Executor {
         if !self.fault_batch_delay.is_zero() {
             std::thread::sleep(self.fault_batch_delay);
         }
-        let sequences: Vec<&[u32]> = pairs.iter().map(|p| p.ids.as_slice()).collect();
-        let result = self.model.score_batch(&sequences);
-        // Packed: the forward pass computes exactly the real tokens.
+        let sequences: Vec<SequenceRef<'_>> = pairs
+            .iter()
+            .map(|p| SequenceRef {
+                ids: &p.ids,
+                second_segment: p.second_segment,
+            })
+            .collect();
+        let result = self.model.score_sequences(&sequences);
+        // Packed (default family): the forward pass computes exactly the real tokens; the encoder
+        // families pad each batch to its longest pair inside their forward.
         self.metrics
             .observe_batch(pairs.len(), real, real, started.elapsed());
         match result {

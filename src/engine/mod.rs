@@ -17,7 +17,7 @@ mod request;
 
 pub use error::EngineError;
 pub use metrics::EngineMetrics;
-pub use queue::{Batch, PairQueue, QueueFull, QueuedPair};
+pub use queue::{Batch, PairQueue, QueueFull, QueuedPair, QueuedSequence};
 pub use request::PendingRequest;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,7 +26,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, Notify};
 
-use crate::model::{CrossEncoder, EncodePairsError, PairTokenizer, TokenizeWork, Truncation};
+use crate::model::{
+    EncodePairsError, PairEncoder, Reranker, SequenceRef, TokenizeWork, Truncation,
+};
 use executor::Executor;
 
 /// Batching limits.
@@ -103,7 +105,7 @@ pub struct Engine {
 }
 
 struct Inner {
-    tokenizer: Arc<PairTokenizer>,
+    tokenizer: Arc<dyn PairEncoder>,
     config: EngineConfig,
     queue: Mutex<PairQueue>,
     work_available: Notify,
@@ -114,9 +116,10 @@ struct Inner {
 
 impl Engine {
     /// Starts the device thread, warms the model up and returns once the engine is `Ready`.
+    /// Any model family: the engine sees only its [`Reranker`] and [`PairEncoder`].
     pub async fn start(
-        model: CrossEncoder,
-        tokenizer: PairTokenizer,
+        model: impl Reranker + 'static,
+        tokenizer: impl PairEncoder + 'static,
         config: EngineConfig,
         metrics: EngineMetrics,
     ) -> Result<Self, EngineError> {
@@ -125,7 +128,7 @@ impl Engine {
         let (batch_tx, batch_rx) = mpsc::channel::<Batch>(1);
         let (warm_tx, warm_rx) = tokio::sync::oneshot::channel();
         let executor = Executor {
-            model,
+            model: Box::new(model),
             fault_batch_delay: config.fault_batch_delay,
             metrics: metrics.clone(),
         };
@@ -198,7 +201,7 @@ impl Engine {
             let docs: Vec<&str> = request.documents.iter().map(String::as_str).collect();
             let mut work = TokenizeWork::default();
             let sequences = tokenizer
-                .encode_counting(&request.query, &docs, truncation, &mut work)
+                .encode_pairs_counting(&request.query, &docs, truncation, &mut work)
                 .map(|pairs| {
                     pairs
                         .into_iter()
@@ -218,6 +221,7 @@ impl Engine {
         let sequences = sequences.map_err(|e| match e {
             EncodePairsError::TooLong(t) => EngineError::DocumentTooLong(t),
             EncodePairsError::QueryTooLong(q) => EngineError::QueryTooLong(q),
+            EncodePairsError::Unsupported(u) => EngineError::Unsupported(u),
             EncodePairsError::Tokenizer(e) => EngineError::Tokenizer(e.to_string()),
         })?;
         let tokenize = started.elapsed();
@@ -238,7 +242,10 @@ impl Engine {
         for (pair, span) in sequences {
             owners.push(pair.doc_index);
             spans.push(span);
-            ids.push(pair.ids);
+            ids.push(QueuedSequence {
+                ids: pair.ids,
+                second_segment: pair.second_segment,
+            });
         }
 
         // 2. Admission: all pairs or none; a full queue refuses at once.
@@ -368,9 +375,10 @@ impl Executor {
         let row = tokens.min(self.model.max_positions()).max(1);
         let rows = (tokens / row).max(1);
         let sequence = vec![0u32; row];
-        let batch: Vec<&[u32]> = (0..rows).map(|_| sequence.as_slice()).collect();
+        let batch: Vec<SequenceRef<'_>> =
+            (0..rows).map(|_| SequenceRef::single(&sequence)).collect();
         self.model
-            .score_batch(&batch)
+            .score_sequences(&batch)
             .map(|_| ())
             .map_err(|e| e.to_string())
     }

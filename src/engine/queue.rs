@@ -16,6 +16,25 @@ pub struct QueuedPair {
     pub request: Arc<PendingRequest>,
     pub doc_index: usize,
     pub ids: Vec<u32>,
+    /// First token of the second segment (token type 1); `ids.len()` for one segment.
+    pub second_segment: usize,
+}
+
+/// The tokens of one pair as admitted: ids and where the second segment starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedSequence {
+    pub ids: Vec<u32>,
+    pub second_segment: usize,
+}
+
+impl From<Vec<u32>> for QueuedSequence {
+    /// A one-segment sequence.
+    fn from(ids: Vec<u32>) -> Self {
+        Self {
+            second_segment: ids.len(),
+            ids,
+        }
+    }
 }
 
 /// Pairs taken together for the device; the executor splits them into length-sorted mini-batches.
@@ -37,8 +56,8 @@ pub struct QueueFull {
     pub capacity: usize,
 }
 
-/// One admitted request and its pairs not yet batched: (doc_index, token ids).
-type QueuedRequest = (Arc<PendingRequest>, VecDeque<(usize, Vec<u32>)>);
+/// One admitted request and its pairs not yet batched: (doc_index, tokens).
+type QueuedRequest = (Arc<PendingRequest>, VecDeque<(usize, QueuedSequence)>);
 
 #[derive(Debug)]
 pub struct PairQueue {
@@ -68,7 +87,7 @@ impl PairQueue {
     pub fn try_push(
         &mut self,
         request: Arc<PendingRequest>,
-        sequences: Vec<Vec<u32>>,
+        sequences: Vec<QueuedSequence>,
     ) -> Result<(), QueueFull> {
         if self.queued_pairs + sequences.len() > self.capacity {
             return Err(QueueFull {
@@ -101,13 +120,13 @@ impl PairQueue {
         for cap in [share, max_batch_tokens] {
             for (request, pairs) in &mut self.requests {
                 let mut taken = 0usize;
-                while let Some((_, ids)) = pairs.front() {
-                    let len = ids.len();
+                while let Some((_, sequence)) = pairs.front() {
+                    let len = sequence.ids.len();
                     let fits = tokens + len <= max_batch_tokens && taken + len <= cap;
                     if !batch.pairs.is_empty() && !fits {
                         break;
                     }
-                    let Some((doc_index, ids)) = pairs.pop_front() else {
+                    let Some((doc_index, sequence)) = pairs.pop_front() else {
                         break;
                     };
                     tokens += len;
@@ -116,7 +135,8 @@ impl PairQueue {
                     batch.pairs.push(QueuedPair {
                         request: Arc::clone(request),
                         doc_index,
-                        ids,
+                        ids: sequence.ids,
+                        second_segment: sequence.second_segment,
                     });
                 }
             }
@@ -156,8 +176,8 @@ mod tests {
         request
     }
 
-    fn seqs(lengths: &[usize]) -> Vec<Vec<u32>> {
-        lengths.iter().map(|&l| vec![1; l]).collect()
+    fn seqs(lengths: &[usize]) -> Vec<QueuedSequence> {
+        lengths.iter().map(|&l| vec![1; l].into()).collect()
     }
 
     #[test]

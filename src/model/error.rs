@@ -26,6 +26,12 @@ pub enum ModelError {
         value: String,
         supported: &'static str,
     },
+    #[error("unsupported model: model_type `{model_type}`, architectures {architectures} (supported: {supported})")]
+    UnsupportedFamily {
+        model_type: String,
+        architectures: String,
+        supported: &'static str,
+    },
     #[error("cannot load weights from {files}")]
     Weights {
         files: String,

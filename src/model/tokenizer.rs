@@ -71,6 +71,9 @@ pub struct EncodedPair {
     pub doc_index: usize,
     /// Byte range of the document text this sequence read.
     pub span: Range<usize>,
+    /// Index of the first token of the second segment (token type 1); `ids.len()` for a
+    /// one-segment sequence such as this family's prompt template.
+    pub second_segment: usize,
 }
 
 /// Under `Truncation::Chunk`, the query leaves no room for any document token.
@@ -252,6 +255,7 @@ impl PairTokenizer {
                     ids: ids.to_vec(),
                     doc_index,
                     span: 0..0,
+                    second_segment: ids.len(),
                 })
                 .collect());
         }
@@ -276,6 +280,7 @@ impl PairTokenizer {
             }
             let kept = doc.len().min(budget);
             pairs.push(EncodedPair {
+                second_segment: query.len() + kept,
                 ids: [&query.ids[..], &doc.get_ids()[..kept]].concat(),
                 doc_index,
                 span: if exact && kept == doc.len() {
@@ -324,6 +329,7 @@ impl PairTokenizer {
             let (encoding, whole) = match self.encode_bounded(&half, needed.max(budget), work)? {
                 Bounded::Whole(doc) if doc.len() <= budget => {
                     pairs.push(EncodedPair {
+                        second_segment: query.len() + doc.len(),
                         ids: [&query.ids[..], doc.get_ids()].concat(),
                         doc_index,
                         span: 0..document.len(),
@@ -344,6 +350,7 @@ impl PairTokenizer {
                     &self.passage_ids[..]
                 };
                 pairs.push(EncodedPair {
+                    second_segment: query.len() + head.len() + tokens.len(),
                     ids: [&query.ids[..], head, &ids[tokens.clone()]].concat(),
                     doc_index,
                     span: windows.span(tokens),
@@ -688,4 +695,18 @@ pub enum EncodePairsError {
     TooLong(#[from] TooLong),
     #[error(transparent)]
     QueryTooLong(#[from] QueryTooLong),
+    #[error(transparent)]
+    Unsupported(#[from] UnsupportedPair),
+}
+
+/// A request that this family's pair encoding cannot honour exactly (refused, not approximated).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnsupportedPair {
+    #[error("truncate CHUNK is not supported for {family} models; use END or NONE")]
+    Chunk { family: &'static str },
+    #[error(
+        "the query has more than {max_length} tokens and so has document {doc_index}: which one \
+        keeps the odd token under longest_first truncation is not computed; shorten the query"
+    )]
+    QueryAndDocumentTooLong { doc_index: usize, max_length: usize },
 }

@@ -251,7 +251,7 @@ pub fn engine_error_reply(error: EngineError) -> ErrorReply {
         EngineError::TooManyDocuments { .. } => ErrorCode::TooManyDocuments,
         EngineError::TooManyWindows { .. } => ErrorCode::TooManyDocuments,
         EngineError::DocumentTooLong(_) => ErrorCode::DocumentTooLong,
-        EngineError::QueryTooLong(_) => ErrorCode::InvalidRequest,
+        EngineError::QueryTooLong(_) | EngineError::Unsupported(_) => ErrorCode::InvalidRequest,
         EngineError::Overloaded { .. } => ErrorCode::Overloaded,
         EngineError::DeadlineExceeded => ErrorCode::DeadlineExceeded,
         EngineError::Tokenizer(_) | EngineError::Model(_) => ErrorCode::ModelError,

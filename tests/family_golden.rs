@@ -1,0 +1,241 @@
+//! The BERT and XLM-RoBERTa families against transformers 4.47.1 (`tests/fixtures/golden_families.json`,
+//! written by `make_golden_families.py`): token ids and token types exactly, scores within 1e-4
+//! (f32, CPU), batch invariance (1e-5), truncation END (`longest_first`) and NONE, CHUNK refused,
+//! tokenization bounded by `max_length`, and `rerank score --model DIR` end to end.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use candle_core::{DType, Device};
+use common::*;
+use rerank_service::model::family::{self, Family};
+use rerank_service::model::{
+    EncodePairsError, LoadedModel, ModelFiles, SequenceRef, TokenizeWork, Truncation,
+    UnsupportedPair,
+};
+use serde::Deserialize;
+
+const TOL: f32 = 1e-4;
+const BATCH_TOL: f32 = 1e-5;
+
+#[derive(Debug, Deserialize)]
+struct Golden {
+    transformers: String,
+    families: Vec<FamilyGolden>,
+}
+
+#[derive(Debug, Deserialize)]
+struct FamilyGolden {
+    family: String,
+    model_dir: String,
+    cases: Vec<Case>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Case {
+    name: String,
+    query: String,
+    documents: Vec<String>,
+    max_length: usize,
+    truncation: String,
+    #[serde(default)]
+    refused_doc: Option<usize>,
+    #[serde(default)]
+    ids: Vec<Vec<u32>>,
+    #[serde(default)]
+    type_ids: Vec<Vec<u32>>,
+    #[serde(default)]
+    scores: Vec<f32>,
+}
+
+fn golden() -> Golden {
+    let path = repo_root().join("tests/fixtures/golden_families.json");
+    let text = std::fs::read_to_string(&path).expect("golden_families.json (make golden)");
+    serde_json::from_str(&text).expect("golden_families.json parses")
+}
+
+fn model_dir(dir: &str) -> PathBuf {
+    repo_root().join("tests/fixtures").join(dir)
+}
+
+fn load(dir: &str, max_length: usize) -> LoadedModel {
+    let files = ModelFiles::from_dir(&model_dir(dir)).expect("model files");
+    family::load(&files, None, DType::F32, &Device::Cpu, max_length).expect("model loads")
+}
+
+fn truncation(name: &str) -> Truncation {
+    match name {
+        "END" => Truncation::End,
+        "NONE" => Truncation::None,
+        other => panic!("unknown truncation {other}"),
+    }
+}
+
+#[test]
+fn every_family_matches_transformers() {
+    let golden = golden();
+    assert_eq!(golden.transformers, "4.47.1");
+    let families: Vec<&str> = golden.families.iter().map(|f| f.family.as_str()).collect();
+    assert_eq!(families, ["bert", "xlm-roberta"]);
+    for fam in &golden.families {
+        let expected_family = match fam.family.as_str() {
+            "bert" => Family::Bert,
+            _ => Family::XlmRoberta,
+        };
+        let mut worst = 0f32;
+        for case in &fam.cases {
+            let what = format!("{} / {}", fam.family, case.name);
+            let loaded = load(&fam.model_dir, case.max_length);
+            assert_eq!(loaded.family, expected_family, "{what}");
+            assert_eq!(loaded.reranker.family(), expected_family, "{what}");
+            let docs: Vec<&str> = case.documents.iter().map(String::as_str).collect();
+            let mut work = TokenizeWork::default();
+            let encoded = loaded.encoder.encode_pairs_counting(
+                &case.query,
+                &docs,
+                truncation(&case.truncation),
+                &mut work,
+            );
+            if let Some(refused) = case.refused_doc {
+                match encoded {
+                    Err(EncodePairsError::TooLong(t)) => {
+                        assert_eq!(t.doc_index, refused, "{what}");
+                        assert!(t.tokens > case.max_length, "{what}: {t}");
+                    }
+                    other => panic!("{what}: expected document {refused} refused, got {other:?}"),
+                }
+                continue;
+            }
+            let pairs = encoded.unwrap_or_else(|e| panic!("{what}: {e}"));
+            let ids: Vec<Vec<u32>> = pairs.iter().map(|p| p.ids.clone()).collect();
+            assert_eq!(ids, case.ids, "{what}: token ids");
+            for (pair, types) in pairs.iter().zip(&case.type_ids) {
+                let ours: Vec<u32> = (0..pair.ids.len())
+                    .map(|i| u32::from(i >= pair.second_segment))
+                    .collect();
+                assert_eq!(&ours, types, "{what}: token types");
+            }
+            let sequences: Vec<SequenceRef<'_>> = pairs
+                .iter()
+                .map(|p| SequenceRef {
+                    ids: &p.ids,
+                    second_segment: p.second_segment,
+                })
+                .collect();
+            let alone: Vec<f32> = sequences
+                .iter()
+                .map(|s| loaded.reranker.score_sequences(&[*s]).expect("score")[0])
+                .collect();
+            assert_close(&alone, &case.scores, TOL, &what);
+            for (a, b) in alone.iter().zip(&case.scores) {
+                worst = worst.max((a - b).abs());
+            }
+            // The same pairs in one padded batch, and reversed.
+            let batched = loaded.reranker.score_sequences(&sequences).expect("batch");
+            assert_close(&batched, &alone, BATCH_TOL, &format!("{what}: batch"));
+            let reversed: Vec<SequenceRef<'_>> = sequences.iter().rev().copied().collect();
+            let mut back = loaded.reranker.score_sequences(&reversed).expect("batch");
+            back.reverse();
+            assert_close(&back, &alone, BATCH_TOL, &format!("{what}: reversed batch"));
+        }
+        eprintln!("{}: max |score - transformers| = {worst:e}", fam.family);
+    }
+}
+
+#[test]
+fn tokenizing_is_bounded_by_max_length_not_by_the_document() {
+    for dir in ["bert-tiny", "xlmr-tiny"] {
+        let loaded = load(dir, 64);
+        let sentence = "Rerankers reorder passages; 東京 and Москва too, naïve café. ";
+        let small = sentence.repeat(60); // ~4 KB
+        let huge = sentence.repeat(80_000); // ~5 MB
+        let mut small_work = TokenizeWork::default();
+        let mut huge_work = TokenizeWork::default();
+        let encode = |doc: &str, work: &mut TokenizeWork| {
+            loaded
+                .encoder
+                .encode_pairs_counting("what reorders passages?", &[doc], Truncation::End, work)
+                .expect("END never refuses")
+        };
+        let a = encode(&small, &mut small_work);
+        let b = encode(&huge, &mut huge_work);
+        assert_eq!(
+            a[0].ids, b[0].ids,
+            "{dir}: the first tokens do not depend on the rest"
+        );
+        assert_eq!(a[0].ids.len(), 64, "{dir}");
+        assert!(
+            huge_work.bytes <= 64 * 1024,
+            "{dir}: a 5 MB document cost {} tokenized bytes",
+            huge_work.bytes
+        );
+        let mut none_work = TokenizeWork::default();
+        let refused =
+            loaded
+                .encoder
+                .encode_pairs_counting("q", &[&huge], Truncation::None, &mut none_work);
+        assert!(
+            matches!(refused, Err(EncodePairsError::TooLong(_))),
+            "{dir}"
+        );
+        assert!(none_work.bytes <= 64 * 1024, "{dir}: {}", none_work.bytes);
+        let chunk = loaded.encoder.encode_pairs_counting(
+            "q",
+            &["d"],
+            Truncation::Chunk(Default::default()),
+            &mut TokenizeWork::default(),
+        );
+        assert!(
+            matches!(
+                chunk,
+                Err(EncodePairsError::Unsupported(UnsupportedPair::Chunk { .. }))
+            ),
+            "{dir}: {chunk:?}"
+        );
+    }
+}
+
+#[test]
+fn rerank_score_serves_every_family() {
+    let golden = golden();
+    for fam in &golden.families {
+        let case = &fam.cases[0];
+        assert_eq!(
+            case.max_length, 512,
+            "the first case runs at the CLI default"
+        );
+        let mut child = Command::new(rerank_bin())
+            .arg("score")
+            .arg("--model")
+            .arg(model_dir(&fam.model_dir))
+            .env_remove("RERANK_MAX_LENGTH")
+            .env_remove("RERANK_DTYPE")
+            .env_remove("RERANK_TOKENIZER")
+            .env("HF_ENDPOINT", "http://127.0.0.1:9")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("rerank starts");
+        let input = serde_json::json!({"query": case.query, "documents": case.documents});
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().expect("stdin");
+            stdin
+                .write_all(input.to_string().as_bytes())
+                .expect("write stdin");
+        }
+        let out = child.wait_with_output().expect("rerank finishes");
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            fam.family,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let value: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        let scores: Vec<f32> = serde_json::from_value(value["scores"].clone()).expect("scores");
+        assert_close(&scores, &case.scores, TOL, &fam.family);
+    }
+}
