@@ -9,13 +9,14 @@
 #
 # Needs: a release binary (cargo build --release), the tokenizer and nats-server (make setup) and a
 # Python venv with torch, transformers, safetensors, fastapi and uvicorn (default
-# .tools/torch-venv, else this project's /work/venvs/golden; set PY otherwise; see bench/README.md).
+# .tools/torch-venv, else the golden venv `make golden` builds, .tools/golden-venv, plus fastapi and
+# uvicorn; set PY otherwise; see bench/README.md).
 # Writes JSON lines and a summary to $OUT (default bench/out); commit them under bench/results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}
 BIN=${BIN:-target/release/rerank}
-PY=${PY:-$(for py in .tools/torch-venv/bin/python /work/venvs/golden/bin/python; do
+PY=${PY:-$(for py in .tools/torch-venv/bin/python .tools/golden-venv/bin/python; do
   [[ -x $py ]] && echo "$py" && break; done)}
 [[ -n $PY ]] || { echo "no Python with torch: set PY (see bench/README.md)" >&2; exit 1; }
 REQUESTS=${REQUESTS:-40}
