@@ -97,7 +97,9 @@ async fn seed_example_returns_the_documented_shape_and_the_workers_scores() {
 async fn optional_fields_form_content_type_and_empty_lists() {
     let (_nats, _worker, sidecar) = seed_stack().await;
     let ranked = {
-        let body = post(&sidecar.url("/rerank"), &seed_request(), None).await.json();
+        let body = post(&sidecar.url("/rerank"), &seed_request(), None)
+            .await
+            .json();
         wire::rank(&f32s(&body["scores"]), None)
     };
 

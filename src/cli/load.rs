@@ -29,45 +29,49 @@ pub async fn start_engine(
         model::MAX_SUPPORTED_LENGTH
     );
     tracing::info!(model = %args.model, device = %args.device, dtype = model::dtype_name(dtype), "loading model");
-    let (encoder, tokenizer, name, family): (Box<dyn Reranker>, Box<dyn PairEncoder>, String, Family) =
-        if args.random_weights {
-            let tokenizer_path = args
-                .tokenizer
-                .clone()
-                .context("--random-weights needs --tokenizer <tokenizer.json>")?;
-            let config = ModelConfig::nemotron_rerank_1b_v2();
-            let encoder = model::random_model(&config, dtype, &device, max_length)?;
-            let tokenizer = PairTokenizer::from_file(&tokenizer_path, max_length)?;
-            let name = args
-                .served_model_name
-                .clone()
-                .unwrap_or_else(|| "random-weights-1b".to_string());
-            (
-                Box::new(encoder),
-                Box::new(tokenizer),
-                name,
-                Family::LlamaBidirec,
+    let (encoder, tokenizer, name, family): (
+        Box<dyn Reranker>,
+        Box<dyn PairEncoder>,
+        String,
+        Family,
+    ) = if args.random_weights {
+        let tokenizer_path = args
+            .tokenizer
+            .clone()
+            .context("--random-weights needs --tokenizer <tokenizer.json>")?;
+        let config = ModelConfig::nemotron_rerank_1b_v2();
+        let encoder = model::random_model(&config, dtype, &device, max_length)?;
+        let tokenizer = PairTokenizer::from_file(&tokenizer_path, max_length)?;
+        let name = args
+            .served_model_name
+            .clone()
+            .unwrap_or_else(|| "random-weights-1b".to_string());
+        (
+            Box::new(encoder),
+            Box::new(tokenizer),
+            name,
+            Family::LlamaBidirec,
+        )
+    } else {
+        let files = ModelFiles::resolve(&args.model, &args.revision).await?;
+        let tokenizer_path = args.tokenizer.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            family::load(
+                &files,
+                tokenizer_path.as_deref(),
+                dtype,
+                &device,
+                max_length,
             )
-        } else {
-            let files = ModelFiles::resolve(&args.model, &args.revision).await?;
-            let tokenizer_path = args.tokenizer.clone();
-            let loaded = tokio::task::spawn_blocking(move || {
-                family::load(
-                    &files,
-                    tokenizer_path.as_deref(),
-                    dtype,
-                    &device,
-                    max_length,
-                )
-            })
-            .await??;
-            (
-                loaded.reranker,
-                loaded.encoder,
-                args.served_id().to_string(),
-                loaded.family,
-            )
-        };
+        })
+        .await??;
+        (
+            loaded.reranker,
+            loaded.encoder,
+            args.served_id().to_string(),
+            loaded.family,
+        )
+    };
     let family = family.name().to_string();
     let info = ModelInfo {
         name,
