@@ -187,6 +187,76 @@ def quantity_is_one(q: Any) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
+# Worker pools, computed here independently of the templates: what each pool should be.
+
+# `worker` keys shared by every pool (a workerPools entry cannot override them).
+POOL_SHARED_KEYS = ("enabled", "intake", "healthPort", "metricsService")
+FULLNAME = f"{RELEASE}-rerank-service"
+
+
+def deep_merge(base: Any, over: Any) -> Any:
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = copy.deepcopy(base)
+        for k, v in over.items():
+            out[k] = deep_merge(out.get(k), v) if k in out else copy.deepcopy(v)
+        return out
+    return copy.deepcopy(over)
+
+
+def model_token(model_id: str) -> str:
+    """The NATS subject token of a model id, as rerank_service::wire::model_subject writes it."""
+    if not model_id:
+        return "_"
+    return "".join(chr(b) if (chr(b).isascii() and chr(b).isalnum()) or b == ord("-") else f"_{b:02X}"
+                   for b in model_id.encode("utf-8"))
+
+
+def expected_pools(values: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each pool: `worker` deep-merged with its entry, plus the facts the chart derives."""
+    w = values["worker"]
+    if not w["enabled"]:
+        return []
+    entries = values["workerPools"] or [{"name": "", "model": values["model"]["id"], "default": True}]
+    base = {k: v for k, v in w.items() if k not in POOL_SHARED_KEYS}
+    out = []
+    for entry in entries:
+        p = deep_merge(base, entry)
+        p.setdefault("name", "")
+        p.setdefault("default", False)
+        device = p.get("device") or ""
+        p["onGpu"] = p["gpu"]["enabled"] if device == "" else device != "cpu"
+        p["rerankDevice"] = ("cuda" if p["onGpu"] else "cpu") if device in ("", "gpu") else device
+        p["resourceName"] = f"{FULLNAME}-worker" + (f"-{p['name']}" if p["name"] else "")
+        p["servedId"] = p.get("servedModelName") or p["model"]
+        p["revision"] = p.get("revision") or values["model"]["revision"]
+        consumer = values["nats"]["jetstream"]["consumer"]
+        p["consumer"] = consumer if p["default"] else f"{consumer}-{model_token(p['servedId'])}"
+        out.append(p)
+    return out
+
+
+def worker_pools(r: Rendered) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(expected pool, its rendered Deployment) for every pool; fails if a Deployment is missing or extra."""
+    deps = {d["metadata"]["name"]: d for d in r.of_kind("Deployment")
+            if d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component") == "worker"}
+    pools = expected_pools(r.values)
+    names = [p["resourceName"] for p in pools]
+    assert sorted(deps) == sorted(names), f"worker Deployments {sorted(deps)} != pools {sorted(names)}"
+    return [(p, deps[p["resourceName"]]) for p in pools]
+
+
+def worker_args(dep: dict[str, Any]) -> dict[str, str]:
+    """--flag=value arguments of a worker container, as a dict."""
+    out = {}
+    for a in container(dep, "worker")["args"][1:]:
+        if a.startswith("--") and "=" in a:
+            k, v = a.split("=", 1)
+            assert k not in out, f"{dep['metadata']['name']}: {k} given twice"
+            out[k] = v
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # Structural schemas for the CRDs (the fields this chart uses; unknown fields are rejected so that
 # typos surface). Field names follow keda.sh/v1alpha1 ScaledObject and monitoring.coreos.com/v1
 # ServiceMonitor.
@@ -408,6 +478,8 @@ def t_ci_files_cover_required_cases() -> None:
         and m["huggingface"]["token"]["existingSecret"]
     ]
     assert existing, "no scenario using existing Secrets (NATS auth + HF token) in ci/"
+    mixed = [n for n, m in merged.items() if len({p["onGpu"] for p in expected_pools(m)}) == 2]
+    assert mixed, "no scenario with a GPU pool and a CPU pool in ci/"
 
 
 def t_schema_top_level_closed() -> None:
@@ -491,13 +563,19 @@ def t_schema_rejects_unknown_keys() -> None:
     expect_values_rejected({"workers": {"replicaCount": 2}}, "workers")
     expect_values_rejected({"worker": {"replicas": 2}}, "replicas")
     expect_values_rejected({"nats": {"auth": {"tokn": "x"}}}, "tokn")
+    expect_values_rejected({"workerPools": [{"name": "a", "model": "m", "default": True, "replicas": 2}]}, "replicas")
+    # Shared by every pool (the sidecar follows one intake; one health port and metrics Service).
+    expect_values_rejected({"workerPools": [{"name": "a", "model": "m", "default": True, "intake": "jetstream"}]}, "intake")
+    expect_values_rejected({"workerPools": [{"name": "Big_Pool", "model": "m", "default": True}]}, "name")
+    expect_values_rejected({"workerPools": [{"name": "a", "default": True}]}, "model")
 
 
 def t_schema_rejects_bad_enums() -> None:
     expect_values_rejected({"model": {"dtype": "fp8"}}, "dtype")
     expect_values_rejected({"nats": {"auth": {"type": "password"}}}, "type")
     expect_values_rejected({"model": {"cache": {"type": "s3"}}}, "type")
-    expect_values_rejected({"worker": {"device": "gpu"}}, "device")
+    expect_values_rejected({"worker": {"device": "tpu"}}, "device")
+    expect_values_rejected({"workerPools": [{"name": "a", "model": "m", "default": True, "device": "tpu"}]}, "device")
 
 
 def leaf_paths(node: Any, prefix: str = "") -> list[str]:
@@ -610,25 +688,37 @@ def for_each_scenario(fn: Callable[[str, Rendered], None]) -> Callable[[], None]
 
 
 def assert_gpu_limit(name: str, r: Rendered) -> None:
-    dep = r.deployment("worker")
+    pools = worker_pools(r)
     if not r.values["worker"]["enabled"]:
-        assert dep is None
-        return
-    assert dep is not None, f"{name}: no worker Deployment"
-    c = container(dep, "worker")
-    limits = (c.get("resources") or {}).get("limits") or {}
-    requests = (c.get("resources") or {}).get("requests") or {}
-    if r.values["worker"]["gpu"]["enabled"]:
-        assert GPU_RESOURCE in limits, f"{name}: worker container has no {GPU_RESOURCE} limit"
-        assert quantity_is_one(limits[GPU_RESOURCE]), f"{name}: worker must take exactly one GPU, got {limits[GPU_RESOURCE]}"
-        if GPU_RESOURCE in requests:
-            assert str(requests[GPU_RESOURCE]) == str(limits[GPU_RESOURCE]), f"{name}: GPU request != limit"
-        env = configmap_env(r, c)
-        assert env.get("RERANK_DEVICE", "").startswith("cuda"), f"{name}: GPU worker not on cuda: {env.get('RERANK_DEVICE')}"
-    else:
-        assert GPU_RESOURCE not in limits, f"{name}: CPU worker reserves a GPU"
-        assert configmap_env(r, c).get("RERANK_DEVICE") == "cpu"
-        assert container(dep, "worker")["image"].endswith("-cpu"), f"{name}: CPU worker should use the -cpu image"
+        assert not pools
+    for pool, dep in pools:
+        where = f"{name}: {dep['metadata']['name']}"
+        c = container(dep, "worker")
+        limits = (c.get("resources") or {}).get("limits") or {}
+        requests = (c.get("resources") or {}).get("requests") or {}
+        args = worker_args(dep)
+        pod = dep["spec"]["template"]["spec"]
+        gpu_tolerations = pool["gpu"]["tolerations"]
+        if pool["onGpu"]:
+            assert GPU_RESOURCE in limits, f"{where}: worker container has no {GPU_RESOURCE} limit"
+            assert quantity_is_one(limits[GPU_RESOURCE]), f"{where}: worker must take exactly one GPU, got {limits[GPU_RESOURCE]}"
+            if GPU_RESOURCE in requests:
+                assert str(requests[GPU_RESOURCE]) == str(limits[GPU_RESOURCE]), f"{where}: GPU request != limit"
+            assert args["--device"].startswith("cuda"), f"{where}: GPU worker not on cuda: {args.get('--device')}"
+            assert not c["image"].endswith("-cpu"), f"{where}: GPU worker on the -cpu image"
+            assert all(t in (pod.get("tolerations") or []) for t in gpu_tolerations), f"{where}: GPU tolerations missing"
+            assert "RAYON_NUM_THREADS" not in env_map(c), f"{where}: CPU threads set on a GPU pool"
+        else:
+            assert GPU_RESOURCE not in limits and GPU_RESOURCE not in requests, f"{where}: CPU worker reserves a GPU"
+            assert args["--device"] == "cpu", f"{where}: CPU worker on {args.get('--device')}"
+            assert c["image"].endswith("-cpu"), f"{where}: CPU worker should use the -cpu image"
+            assert not any(t in (pod.get("tolerations") or []) for t in gpu_tolerations), f"{where}: CPU pool tolerates GPU nodes"
+            cpu = ((pool.get("resources") or {}).get("requests") or {}).get("cpu")
+            threads = env_map(c).get("RAYON_NUM_THREADS", {}).get("value")
+            if pool["cpuThreads"]:
+                assert threads == str(pool["cpuThreads"]), f"{where}: RAYON_NUM_THREADS {threads}"
+            elif cpu is not None:
+                assert threads and int(threads) >= 1, f"{where}: no RAYON_NUM_THREADS for a CPU request of {cpu}"
     # The GPU is never requested by the sidecar.
     side = r.deployment("sidecar")
     if side is not None:
@@ -637,9 +727,11 @@ def assert_gpu_limit(name: str, r: Rendered) -> None:
 
 
 def assert_worker_probes(name: str, r: Rendered) -> None:
-    dep = r.deployment("worker")
-    if dep is None:
-        return
+    for _, dep in worker_pools(r):
+        assert_worker_probes_of(name, r, dep)
+
+
+def assert_worker_probes_of(name: str, r: Rendered, dep: dict[str, Any]) -> None:
     c = container(dep, "worker")
     health = int(r.values["worker"]["healthPort"])
     for probe, paths in (("startupProbe", ("/ready", "/live")), ("readinessProbe", ("/ready",)), ("livenessProbe", ("/live",))):
@@ -702,40 +794,53 @@ def assert_sidecar(name: str, r: Rendered) -> None:
 
 def assert_pdbs(name: str, r: Rendered) -> None:
     pdbs = r.of_kind("PodDisruptionBudget")
-    for component in ("worker", "sidecar"):
-        dep = r.deployment(component)
-        v = r.values[component]
-        if dep is None or not v["podDisruptionBudget"]["enabled"]:
-            continue
+    targets = [(p["podDisruptionBudget"], dep) for p, dep in worker_pools(r)]
+    if r.deployment("sidecar") is not None:
+        targets.append((r.values["sidecar"]["podDisruptionBudget"], r.deployment("sidecar")))
+    for pdb, dep in targets:
+        component = dep["metadata"]["name"]
         labels = dep["spec"]["template"]["metadata"]["labels"]
         match = [p for p in pdbs if selector_matches(p["spec"]["selector"]["matchLabels"], labels)]
+        if not pdb["enabled"]:
+            assert not match, f"{name}: a PDB selects {component} although its PDB is off"
+            continue
         assert len(match) == 1, f"{name}: expected one PDB for the {component} pods, found {len(match)}"
         spec = match[0]["spec"]
         assert ("minAvailable" in spec) != ("maxUnavailable" in spec), f"{name}: PDB must set exactly one of minAvailable/maxUnavailable"
-    if r.deployment("worker") is not None:
+    if any(p["podDisruptionBudget"]["enabled"] for p, _ in worker_pools(r)):
         assert pdbs, f"{name}: no PodDisruptionBudget at all"
 
 
 def assert_autoscaling(name: str, r: Rendered) -> None:
-    dep = r.deployment("worker")
-    if dep is None:
-        return
+    pools = worker_pools(r)
+    for pool, dep in pools:
+        assert_autoscaling_of(f"{name}: {dep['metadata']['name']}", r, pool, dep)
+    # Every autoscaler targets a pool of this release.
+    names = {dep["metadata"]["name"] for _, dep in pools} | {d["metadata"]["name"] for d in r.of_kind("Deployment")}
+    for kind in ("HorizontalPodAutoscaler", "ScaledObject"):
+        for a in r.of_kind(kind):
+            assert a["spec"]["scaleTargetRef"]["name"] in names, f"{name}: {kind} {a['metadata']['name']} targets nothing"
+
+
+def assert_autoscaling_of(name: str, r: Rendered, pool: dict[str, Any], dep: dict[str, Any]) -> None:
     wname = dep["metadata"]["name"]
     hpas = [h for h in r.of_kind("HorizontalPodAutoscaler") if h["spec"]["scaleTargetRef"]["name"] == wname]
     sos = [s for s in r.of_kind("ScaledObject") if s["spec"]["scaleTargetRef"]["name"] == wname]
     assert not (hpas and sos), f"{name}: both an HPA and a KEDA ScaledObject target the workers"
-    keda = r.values["worker"]["autoscaling"]["keda"]
-    hpa = r.values["worker"]["autoscaling"]["hpa"]
+    keda = pool["autoscaling"]["keda"]
+    hpa = pool["autoscaling"]["hpa"]
     assert len(sos) == (1 if keda["enabled"] else 0), f"{name}: ScaledObject count"
     assert len(hpas) == (1 if hpa["enabled"] else 0), f"{name}: worker HPA count"
     if sos or hpas:
         assert "replicas" not in dep["spec"], f"{name}: worker replicas set while an autoscaler owns them"
     else:
-        assert dep["spec"]["replicas"] == r.values["worker"]["replicaCount"]
+        assert dep["spec"]["replicas"] == pool["replicaCount"]
     if sos:
         so = sos[0]["spec"]
+        assert sos[0]["metadata"]["name"] == wname, f"{name}: ScaledObject not named after its pool"
         assert so["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
         jetstream = r.values["worker"]["intake"] == "jetstream"
+        assert so["minReplicaCount"] == keda["minReplicas"] and so["maxReplicaCount"] == keda["maxReplicas"]
         # Scale to zero only where requests wait for a worker (the JetStream intake).
         assert (0 if jetstream else 1) <= so["minReplicaCount"] <= so["maxReplicaCount"], f"{name}: bad min/max replicas"
         if jetstream:
@@ -745,7 +850,8 @@ def assert_autoscaling(name: str, r: Rendered) -> None:
             meta = lag[0]["metadata"]
             assert set(meta) == {"natsServerMonitoringEndpoint", "account", "stream", "consumer", "lagThreshold",
                                  "activationLagThreshold"}, f"{name}: nats-jetstream trigger fields: {sorted(meta)}"
-            assert meta["stream"] == js["stream"] and meta["consumer"] == js["consumer"], f"{name}: trigger on another consumer"
+            assert meta["stream"] == js["stream"], f"{name}: trigger on another stream"
+            assert meta["consumer"] == pool["consumer"], f"{name}: trigger on consumer {meta['consumer']}, the pool's is {pool['consumer']}"
             assert re.match(r"^[^\s/]+:[0-9]+$", meta["natsServerMonitoringEndpoint"]), meta
             int(meta["lagThreshold"]), int(meta["activationLagThreshold"])
             assert not [t for t in so["triggers"] if t["type"] == "prometheus"], f"{name}: worker-reported metrics vanish at zero"
@@ -754,6 +860,17 @@ def assert_autoscaling(name: str, r: Rendered) -> None:
             q = prom["metadata"]["query"]
             assert "rerank_queue_pairs" in q and q.replace(" ", "").startswith("sum("), f"{name}: KEDA query should sum rerank_queue_pairs: {q}"
             assert NAMESPACE in q, f"{name}: KEDA query not scoped to the release namespace: {q}"
+            if not keda["prometheus"]["query"]:
+                m = re.search(r'pod=~"([^"]+)"', q)
+                assert m, f"{name}: KEDA query not scoped to the pool's pods: {q}"
+                pods = re.compile(m.group(1))
+                # <Deployment>-<pod-template-hash>-<id>; Kubernetes cuts the part before the
+                # 5-character id at 58 characters.
+                for pod in (f"{wname}-7d9f8c6b5-x2x4z", f"{wname}-7d9f8c6b5-"[:58] + "x2x4z"):
+                    assert pods.fullmatch(pod), f"{name}: query misses the pool's pod {pod}: {q}"
+                for other, _ in worker_pools(r):
+                    if other["resourceName"] != wname:
+                        assert not pods.fullmatch(f"{other['resourceName']}-7d9f8c6b5-x2x4z"), f"{name}: query counts pool {other['name']}'s pods"
             float(prom["metadata"]["threshold"])
         down = so["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
         assert down["stabilizationWindowSeconds"] >= 600, f"{name}: KEDA scale-down window too short"
@@ -827,11 +944,11 @@ def assert_secret_refs_resolve(name: str, r: Rendered) -> None:
                 keys = [i["key"] for i in vol["secret"].get("items") or []] or [None]
                 for k in keys:
                     resolve(vol["secret"]["secretName"], k, f"volume {vol['name']}")
-    # NATS auth wiring by type.
-    for component in ("worker", "sidecar"):
-        dep = r.deployment(component)
-        if dep is None:
-            continue
+    # NATS auth wiring by type, on every pool's workers and the sidecar.
+    targets = [("worker", dep) for _, dep in worker_pools(r)]
+    if r.deployment("sidecar") is not None:
+        targets.append(("sidecar", r.deployment("sidecar")))
+    for component, dep in targets:
         c = container(dep, component)
         env = env_map(c)
         t = v["nats"]["auth"]["type"]
@@ -873,9 +990,21 @@ def assert_security(name: str, r: Rendered) -> None:
 
 
 def assert_worker_runtime(name: str, r: Rendered) -> None:
-    dep = r.deployment("worker")
-    if dep is None:
-        return
+    pools = worker_pools(r)
+    for pool, dep in pools:
+        assert_worker_runtime_of(f"{name}: {dep['metadata']['name']}", r, pool, dep)
+    # Pools never select each other's pods, and a model is served by one pool.
+    for pool, dep in pools:
+        sel = dep["spec"]["selector"]["matchLabels"]
+        for other, odep in pools:
+            if odep is not dep:
+                assert not selector_matches(sel, odep["spec"]["template"]["metadata"]["labels"]), \
+                    f"{name}: {dep['metadata']['name']} selects {odep['metadata']['name']}'s pods"
+    assert len({p["servedId"] for p, _ in pools}) == len(pools), f"{name}: two pools serve one model"
+    assert sum(1 for p, _ in pools if p["default"]) == (1 if pools else 0), f"{name}: not exactly one default pool"
+
+
+def assert_worker_runtime_of(name: str, r: Rendered, pool: dict[str, Any], dep: dict[str, Any]) -> None:
     v = r.values
     pod = dep["spec"]["template"]["spec"]
     c = container(dep, "worker")
@@ -909,8 +1038,8 @@ def assert_worker_runtime(name: str, r: Rendered) -> None:
     init = pod.get("initContainers") or []
     if v["model"]["preDownload"]["enabled"]:
         dl = container(dep, "download-model", init=True)
-        assert dl["args"][0] == "download" and "--model" in dl["args"] and v["model"]["id"] in dl["args"]
-        assert "--revision" in dl["args"] and v["model"]["revision"] in dl["args"]
+        assert dl["args"][0] == "download" and dl["args"][dl["args"].index("--model") + 1] == pool["model"]
+        assert dl["args"][dl["args"].index("--revision") + 1] == pool["revision"]
         assert any(m["mountPath"] == mount for m in dl["volumeMounts"]), f"{name}: download does not write the cache volume"
         dl_env = env_map(dl)
         assert dl_env["HF_HOME"]["value"] == cm["HF_HOME"], f"{name}: initContainer HF_HOME differs from the worker's"
@@ -923,26 +1052,41 @@ def assert_worker_runtime(name: str, r: Rendered) -> None:
         assert env.get("HF_HUB_OFFLINE", {}).get("value") == "1"
     if not v["model"]["offline"] and not v["model"]["preDownload"]["enabled"]:
         assert "HF_HUB_OFFLINE" not in env, f"{name}: offline without a populated cache"
-    # Settings from values reach the worker.
-    assert cm["RERANK_MODEL"] == v["model"]["id"] and cm["RERANK_MODEL_REVISION"] == v["model"]["revision"]
+    # Settings from values reach the worker: the pool's own on its command line, the shared ones in
+    # the ConfigMap. --default-model is explicit on every pool (the worker's own default is true).
+    args = worker_args(dep)
+    assert args["--model"] == pool["model"] and args["--revision"] == pool["revision"], f"{name}: {args}"
+    assert args["--default-model"] == ("true" if pool["default"] else "false"), f"{name}: --default-model {args}"
+    if pool.get("servedModelName"):
+        assert args["--served-model-name"] == pool["servedModelName"], f"{name}: {args}"
+    else:
+        assert "--served-model-name" not in args, f"{name}: {args}"
+    dtype = pool.get("dtype") or v["model"]["dtype"] or ("bf16" if pool["onGpu"] else "f32")
+    assert args["--dtype"] == dtype, f"{name}: --dtype {args['--dtype']}, expected {dtype}"
+    assert args["--device"] == pool["rerankDevice"], f"{name}: --device {args['--device']}"
+    assert not {"RERANK_MODEL", "RERANK_MODEL_REVISION", "RERANK_DEVICE", "RERANK_DTYPE", "RERANK_DEFAULT_MODEL",
+                "RERANK_SERVED_MODEL_NAME"} & set(cm), f"{name}: a per-pool setting in the shared ConfigMap"
+    for extra in pool["extraArgs"]:
+        assert extra in container(dep, "worker")["args"], f"{name}: extra arg {extra} missing"
     assert cm["RERANK_NATS_URL"] == v["nats"]["url"] and cm["RERANK_SUBJECT"] == v["nats"]["subject"]
     assert cm["RERANK_QUEUE_GROUP"] == v["nats"]["queueGroup"]
     assert cm["RERANK_MAX_BATCH_TOKENS"] == str(v["model"]["maxBatchTokens"])
-    assert cm["RERANK_DTYPE"] in ("f32", "bf16", "f16")
-    # Scheduling on GPU nodes.
-    wv = v["worker"]
+    # Scheduling: GPU nodes for GPU pools only.
+    wv = pool
     if wv["runtimeClassName"]:
         assert pod.get("runtimeClassName") == wv["runtimeClassName"]
-    if wv["gpu"]["enabled"] and wv["gpu"]["products"]:
+    if wv["onGpu"] and wv["gpu"]["products"]:
         terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
         exprs = [e for t in terms for e in t.get("matchExpressions", [])]
         assert any(e["key"] == "nvidia.com/gpu.product" and e["values"] == wv["gpu"]["products"] for e in exprs)
-    assert (pod.get("tolerations") or []) == wv["tolerations"]
-    assert (pod.get("nodeSelector") or {}) == wv["nodeSelector"]
+    gpu = wv["onGpu"]
+    assert (pod.get("tolerations") or []) == (wv["gpu"]["tolerations"] if gpu else []) + wv["tolerations"]
+    assert (pod.get("nodeSelector") or {}) == {**(wv["gpu"]["nodeSelector"] if gpu else {}), **wv["nodeSelector"]}
     # Selector labels are stable and select only the worker pods.
     sel = dep["spec"]["selector"]["matchLabels"]
     assert selector_matches(sel, dep["spec"]["template"]["metadata"]["labels"])
     assert sel.get("app.kubernetes.io/component") == "worker"
+    assert sel.get("rerank-service/pool") == (pool["name"] or None), f"{name}: pool selector {sel}"
     assert "checksum/config" in dep["spec"]["template"]["metadata"]["annotations"]
 
 
@@ -978,20 +1122,21 @@ def assert_network_policy(name: str, r: Rendered) -> None:
         return
     w = v["worker"]
     monitoring = [n for n in nps if n["spec"]["podSelector"]["matchLabels"].get("app.kubernetes.io/name") == "nats"]
-    if w["enabled"] and w["intake"] == "jetstream" and w["autoscaling"]["keda"]["enabled"] \
-            and v["networkPolicy"]["natsMonitoring"]["enabled"]:
+    keda_pools = [p for p in expected_pools(v) if p["autoscaling"]["keda"]["enabled"]]
+    if keda_pools and w["intake"] == "jetstream" and v["networkPolicy"]["natsMonitoring"]["enabled"]:
         assert len(monitoring) == 1, f"{name}: KEDA cannot reach the NATS monitoring port"
         ports = {p["port"] for rule in monitoring[0]["spec"]["ingress"] for p in rule.get("ports", [])}
         assert ports == {v["networkPolicy"]["natsMonitoring"]["port"]}, f"{name}: NATS monitoring policy opens {ports}"
-        endpoint = w["autoscaling"]["keda"]["jetstream"]["natsServerMonitoringEndpoint"]
-        assert endpoint.endswith(f":{v['networkPolicy']['natsMonitoring']['port']}"), f"{name}: KEDA reads another port"
+        for pool in keda_pools:
+            endpoint = pool["autoscaling"]["keda"]["jetstream"]["natsServerMonitoringEndpoint"]
+            assert endpoint.endswith(f":{v['networkPolicy']['natsMonitoring']['port']}"), f"{name}: KEDA reads another port"
     else:
         assert not monitoring, f"{name}: NATS monitoring policy without the JetStream KEDA trigger"
     nps = [n for n in nps if n not in monitoring]
-    for component in ("worker", "sidecar"):
-        dep = r.deployment(component)
-        if dep is None:
-            continue
+    targets = [("worker", dep) for _, dep in worker_pools(r)]
+    if r.deployment("sidecar") is not None:
+        targets.append(("sidecar", r.deployment("sidecar")))
+    for component, dep in targets:
         labels = dep["spec"]["template"]["metadata"]["labels"]
         np = [n for n in nps if selector_matches(n["spec"]["podSelector"]["matchLabels"], labels)]
         assert len(np) == 1, f"{name}: expected one NetworkPolicy for {component}"
@@ -1050,7 +1195,6 @@ def t_render_refuses_short_grace_period() -> None:
 def t_render_refuses_incomplete_credentials() -> None:
     expect_render_failure({"nats": {"auth": {"type": "token"}}}, "nats.auth")
     expect_render_failure({"nats": {"tls": {"enabled": True}}}, "nats.tls.existingSecret")
-    expect_render_failure({"worker": {"device": "cpu"}}, "worker.gpu.enabled")
 
 
 def t_render_refuses_scale_to_zero_without_jetstream() -> None:
@@ -1077,13 +1221,132 @@ def t_jetstream_intake_wiring() -> None:
 
 def t_long_release_name_fits() -> None:
     long = "a-very-long-release-name-for-the-rerank-service-xyz"
-    files = chart().render(values={"serviceMonitor": {"enabled": True}}, name=long, namespace=NAMESPACE)
-    for path, text in files.items():
-        if path.endswith("NOTES.txt"):
-            continue
-        for doc in yaml.safe_load_all(text):
-            if isinstance(doc, dict) and "metadata" in doc:
-                assert len(doc["metadata"]["name"]) <= 63, doc["metadata"]["name"]
+    pools = copy.deepcopy(scenarios()[TWO_POOLS])
+    pools["workerPools"][1]["name"] = "minilm-l6-on-cpu-pool"[:20]
+    for values in ({"serviceMonitor": {"enabled": True}}, pools):
+        files = chart().render(values=values, name=long, namespace=NAMESPACE)
+        names = []
+        for path, text in files.items():
+            if path.endswith("NOTES.txt"):
+                continue
+            for doc in yaml.safe_load_all(text):
+                if isinstance(doc, dict) and "metadata" in doc:
+                    assert len(doc["metadata"]["name"]) <= 63, doc["metadata"]["name"]
+                    names.append((doc["kind"], doc["metadata"]["name"]))
+        assert len(names) == len(set(names)), f"names collide once shortened: {names}"
+
+
+# --------------------------------------------------------------------------------------------
+# Worker pools.
+
+TWO_POOLS = "two-pools-values.yaml"
+
+
+def t_two_pools() -> None:
+    r = rendered(TWO_POOLS)
+    pools = worker_pools(r)
+    assert [p["name"] for p, _ in pools] == ["nemotron", "minilm"], [p["name"] for p, _ in pools]
+    (gpu, gdep), (cpu, cdep) = pools
+    ga, ca = worker_args(gdep), worker_args(cdep)
+    assert ga["--model"] == "nvidia/llama-nemotron-rerank-1b-v2" and ga["--default-model"] == "true", ga
+    assert ca["--model"] == "cross-encoder/ms-marco-MiniLM-L-6-v2" and ca["--default-model"] == "false", ca
+    assert ga["--device"] == "cuda" and ca["--device"] == "cpu" and ga["--dtype"] == "bf16" and ca["--dtype"] == "f32"
+    g_limits = container(gdep, "worker")["resources"]["limits"]
+    c_res = container(cdep, "worker")["resources"]
+    assert quantity_is_one(g_limits[GPU_RESOURCE]), g_limits
+    assert GPU_RESOURCE not in json.dumps(c_res), f"the CPU pool reserves a GPU: {c_res}"
+    assert not any(t.get("key") == GPU_RESOURCE for t in cdep["spec"]["template"]["spec"].get("tolerations") or [])
+    assert env_map(container(cdep, "worker"))["RAYON_NUM_THREADS"]["value"] == "4"
+    # One ScaledObject per pool, each on its own pool's JetStream consumer.
+    sos = {so["spec"]["scaleTargetRef"]["name"]: so for so in r.of_kind("ScaledObject")}
+    assert sorted(sos) == sorted([gdep["metadata"]["name"], cdep["metadata"]["name"]]), sorted(sos)
+    consumer = {n: [t for t in so["spec"]["triggers"] if t["type"] == "nats-jetstream"][0]["metadata"]["consumer"]
+                for n, so in sos.items()}
+    assert consumer[gdep["metadata"]["name"]] == "rerank-workers", consumer
+    assert consumer[cdep["metadata"]["name"]] == "rerank-workers-cross-encoder_2Fms-marco-MiniLM-L-6-v2", consumer
+    assert sos[cdep["metadata"]["name"]]["spec"]["minReplicaCount"] == 0
+    assert sos[gdep["metadata"]["name"]]["spec"]["minReplicaCount"] == 1
+    # Names unique per pool, for every kind the pools render.
+    for kind in ("Deployment", "ScaledObject", "PodDisruptionBudget"):
+        names = [d["metadata"]["name"] for d in r.of_kind(kind)]
+        assert len(names) == len(set(names)), f"{kind} names collide: {names}"
+    pdbs = [d["metadata"]["name"] for d in r.of_kind("PodDisruptionBudget")]
+    assert gdep["metadata"]["name"] in pdbs and cdep["metadata"]["name"] not in pdbs, pdbs  # minilm turns its PDB off
+    # A servedModelName is the pool's id: on its command line and in its consumer.
+    values = copy.deepcopy(scenarios()[TWO_POOLS])
+    values["workerPools"][1]["servedModelName"] = "Qwen/Qwen3-Reranker-0.6B"
+    r2 = Rendered(values)
+    dep = [d for _, d in worker_pools(r2)][1]
+    assert worker_args(dep)["--served-model-name"] == "Qwen/Qwen3-Reranker-0.6B"
+    assert "--served-model-name" not in worker_args([d for _, d in worker_pools(r2)][0])
+    so = r2.get("ScaledObject", dep["metadata"]["name"])
+    assert so["spec"]["triggers"][0]["metadata"]["consumer"] == "rerank-workers-Qwen_2FQwen3-Reranker-0_2E6B"
+
+
+def t_model_token_mirrors_wire() -> None:
+    """rerank.modelToken writes what rerank_service::wire::model_subject writes (its unit-test cases)."""
+    known = {"nvidia/llama-nemotron-rerank-1b-v2": "nvidia_2Fllama-nemotron-rerank-1b-v2",
+             "Qwen/Qwen3-Reranker-0.6B": "Qwen_2FQwen3-Reranker-0_2E6B"}
+    for model_id, token in known.items():
+        assert model_token(model_id) == token, (model_id, model_token(model_id))
+    ids = ["nvidia/llama-nemotron-rerank-1b-v2", "Qwen/Qwen3-Reranker-0.6B", "a_2E", "a.", "a_", "a b", "a*", "a>",
+           "ü", "tests/fixtures/tiny-model", "_", "__", "A", "a", "x" * 40 + "/é.中"]
+    pools = [{"name": "p0", "model": "default-model", "default": True}]
+    pools += [{"name": f"p{i + 1}", "model": "m", "servedModelName": model_id} for i, model_id in enumerate(ids)]
+    values = {"worker": {"intake": "jetstream", "autoscaling": {"keda": {"enabled": True}}}, "workerPools": pools}
+    r = Rendered(values)
+    got = {so["metadata"]["name"]: so["spec"]["triggers"][0]["metadata"]["consumer"] for so in r.of_kind("ScaledObject")}
+    for i, model_id in enumerate(ids):
+        want = "rerank-workers-" + model_token(model_id)
+        assert got[f"{FULLNAME}-worker-p{i + 1}"] == want, (model_id, got[f"{FULLNAME}-worker-p{i + 1}"], want)
+    assert got[f"{FULLNAME}-worker-p0"] == "rerank-workers"
+    assert len(set(got.values())) == len(got), "distinct ids share a consumer"
+
+
+def t_render_refuses_bad_pools() -> None:
+    gpu = {"name": "big", "model": "nvidia/llama-nemotron-rerank-1b-v2"}
+    cpu = {"name": "small", "model": "cross-encoder/ms-marco-MiniLM-L-6-v2", "device": "cpu"}
+    expect_render_failure({"workerPools": [gpu, cpu]}, "exactly one pool must set default: true")
+    expect_render_failure({"workerPools": [gpu, cpu]}, "found 0")
+    expect_render_failure({"workerPools": [{**gpu, "default": True}, {**cpu, "default": True}]}, "found 2: big, small")
+    expect_render_failure({"workerPools": [{**gpu, "default": True}, {**cpu, "name": "big"}]}, 'two pools are named "big"')
+    expect_render_failure({"workerPools": [{**gpu, "default": True}, {**cpu, "model": gpu["model"]}]}, "two pools serve the model id")
+    expect_render_failure({"workerPools": [{**gpu, "default": True}, {**cpu, "autoscaling": {"keda": {"enabled": True, "minReplicas": 0}}}]},
+                          "workerPools[small].autoscaling.keda.minReplicas=0 needs worker.intake=jetstream")
+    expect_render_failure({"workerPools": [{**gpu, "default": True, "autoscaling": {"keda": {"enabled": True}, "hpa": {"enabled": True}}}]},
+                          "mutually exclusive")
+    expect_render_failure({"workerPools": [{**gpu, "default": True, "drainTimeoutSeconds": 90}]}, "workerPools[big].terminationGracePeriodSeconds")
+    # One pool may turn off what `worker` turns on (false, 0 and [] override).
+    r = Rendered({"worker": {"autoscaling": {"keda": {"enabled": True}}},
+                  "workerPools": [{**gpu, "default": True}, {**cpu, "autoscaling": {"keda": {"enabled": False}}, "replicaCount": 0}]})
+    assert [so["metadata"]["name"] for so in r.of_kind("ScaledObject")] == [f"{FULLNAME}-worker-big"]
+    assert r.get("Deployment", f"{FULLNAME}-worker-small")["spec"]["replicas"] == 0
+
+
+def t_single_pool_renders_as_before() -> None:
+    """workerPools: [] (the default) is the single pool the chart deployed before it took pools:
+    same names and selector (a Deployment's selector is immutable), model.id as the default model."""
+    r = rendered("default")
+    (pool, dep), = worker_pools(r)
+    assert dep["metadata"]["name"] == f"{FULLNAME}-worker"
+    assert dep["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": "rerank-service",
+                                                      "app.kubernetes.io/instance": RELEASE,
+                                                      "app.kubernetes.io/component": "worker"}
+    args = worker_args(dep)
+    assert args == {"--model": r.values["model"]["id"], "--revision": "main", "--default-model": "true",
+                    "--device": "cuda", "--dtype": "bf16"}, args
+    assert dep["spec"]["template"]["spec"]["tolerations"] == [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
+    assert r.get("PodDisruptionBudget", f"{FULLNAME}-worker") is not None
+    assert r.get("ConfigMap", f"{FULLNAME}-worker") is not None
+    # Values written for the single worker keep working: worker.gpu.enabled=false is a CPU pool,
+    # worker.device=cuda:0 pins the GPU, worker.device=cpu is a CPU pool.
+    for values, device, gpu_limit in (({"worker": {"gpu": {"enabled": False}}}, "cpu", False),
+                                      ({"worker": {"device": "cuda:0"}}, "cuda:0", True),
+                                      ({"worker": {"device": "cpu"}}, "cpu", False),
+                                      ({"worker": {"gpu": {"enabled": False}, "device": "gpu"}}, "cuda", True)):
+        (_, d), = worker_pools(Rendered(values))
+        limits = container(d, "worker")["resources"].get("limits") or {}
+        assert worker_args(d)["--device"] == device and (GPU_RESOURCE in limits) == gpu_limit, (values, worker_args(d), limits)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1143,6 +1406,34 @@ def t_checks_detect_breakage() -> None:
     must_fail(assert_security, broken(root), "writable root filesystem")
     must_fail(assert_worker_runtime, broken(short_grace), "grace period shorter than the drain")
     must_fail(assert_autoscaling, broken(both_scalers), "HPA and ScaledObject together")
+
+    two = rendered(TWO_POOLS)
+
+    def broken_two(mutate: Callable[[Rendered], None]) -> Rendered:
+        r = copy.copy(two)
+        r.docs = copy.deepcopy(two.docs)
+        mutate(r)
+        return r
+
+    def wrong_consumer(r: Rendered) -> None:
+        for so in r.of_kind("ScaledObject"):
+            so["spec"]["triggers"][0]["metadata"]["consumer"] = "rerank-workers"
+
+    def gpu_on_cpu_pool(r: Rendered) -> None:
+        dep = r.get("Deployment", f"{FULLNAME}-worker-minilm")
+        container(dep, "worker")["resources"]["limits"][GPU_RESOURCE] = 1
+
+    def both_default(r: Rendered) -> None:
+        args = container(r.get("Deployment", f"{FULLNAME}-worker-minilm"), "worker")["args"]
+        args[args.index("--default-model=false")] = "--default-model=true"
+
+    def drop_pool(r: Rendered) -> None:
+        r.docs = [d for d in r.docs if d["metadata"]["name"] != f"{FULLNAME}-worker-minilm" or d["kind"] != "Deployment"]
+
+    must_fail(assert_autoscaling, broken_two(wrong_consumer), "a pool scaled on another model's consumer")
+    must_fail(assert_gpu_limit, broken_two(gpu_on_cpu_pool), "a GPU on the CPU pool")
+    must_fail(assert_worker_runtime, broken_two(both_default), "two pools both the default model")
+    must_fail(assert_worker_runtime, broken_two(drop_pool), "a pool without its Deployment")
     # And kubernetes-validate's strict mode rejects an unknown field.
     dep = strip_meta(copy.deepcopy(base.deployment("worker")))
     dep["spec"]["template"]["spec"]["containers"][0]["gpuCount"] = 1
@@ -1248,6 +1539,10 @@ def main() -> int:
     check("render refuses incomplete credentials / contradictions", t_render_refuses_incomplete_credentials)
     check("render refuses minReplicas 0 without the JetStream intake", t_render_refuses_scale_to_zero_without_jetstream)
     check("JetStream intake: worker/sidecar env, KEDA lag trigger", t_jetstream_intake_wiring)
+    check("two pools: args, GPU only on the GPU pool, a ScaledObject per pool on its consumer", t_two_pools)
+    check("rerank.modelToken mirrors wire::model_subject (pool consumers)", t_model_token_mirrors_wire)
+    check("render refuses 0 or 2 default pools, duplicate names/models, bad pool settings", t_render_refuses_bad_pools)
+    check("workerPools: [] renders the single pool as before; old worker values work", t_single_pool_renders_as_before)
     check("long release names stay within 63 characters", t_long_release_name_fits)
     check("the invariant checks detect broken manifests", t_checks_detect_breakage)
     check("hadolint Dockerfile", t_hadolint)

@@ -69,6 +69,27 @@ app.kubernetes.io/component: sidecar
 app.kubernetes.io/component: worker
 {{- end }}
 
+{{/*
+Labels of one worker pool, (list $root $pool). The pool label is added only to named pools, so
+that the single pool rendered from `workerPools: []` keeps the selector it had before the chart
+took pools (a Deployment's selector cannot change on upgrade).
+*/}}
+{{- define "rerank.pool.selectorLabels" -}}
+{{- $p := index . 1 }}
+{{- include "rerank.worker.selectorLabels" (index . 0) }}
+{{- if $p.name }}
+rerank-service/pool: {{ $p.name }}
+{{- end }}
+{{- end }}
+
+{{- define "rerank.pool.labels" -}}
+{{- $p := index . 1 }}
+{{- include "rerank.worker.labels" (index . 0) }}
+{{- if $p.name }}
+rerank-service/pool: {{ $p.name }}
+{{- end }}
+{{- end }}
+
 {{- define "rerank.sidecar.labels" -}}
 {{ include "rerank.labels" . }}
 app.kubernetes.io/component: sidecar
@@ -84,14 +105,17 @@ app.kubernetes.io/component: sidecar
 
 {{/*
 Image references. CPU pods get image.cpuTagSuffix appended to the default tag.
+rerank.worker.image takes (list $root $pool): a GPU pool runs the CUDA image, a CPU pool the -cpu one.
 */}}
 {{- define "rerank.worker.image" -}}
-{{- $repo := default .Values.image.repository .Values.worker.image.repository }}
-{{- $tag := .Values.worker.image.tag }}
+{{- $root := index . 0 }}
+{{- $p := index . 1 }}
+{{- $repo := default $root.Values.image.repository $p.image.repository }}
+{{- $tag := $p.image.tag }}
 {{- if not $tag }}
-{{- $tag = default .Chart.AppVersion .Values.image.tag }}
-{{- if not .Values.worker.gpu.enabled }}
-{{- $tag = printf "%s%s" $tag .Values.image.cpuTagSuffix }}
+{{- $tag = default $root.Chart.AppVersion $root.Values.image.tag }}
+{{- if not $p.onGpu }}
+{{- $tag = printf "%s%s" $tag $root.Values.image.cpuTagSuffix }}
 {{- end }}
 {{- end }}
 {{- printf "%s:%s" $repo $tag }}
@@ -166,14 +190,36 @@ Validation that cannot be expressed in values.schema.json. Included by every wor
 */}}
 {{- define "rerank.validate" -}}
 {{- $w := .Values.worker }}
-{{- if and $w.autoscaling.keda.enabled $w.autoscaling.hpa.enabled }}
-{{- fail "worker.autoscaling.keda.enabled and worker.autoscaling.hpa.enabled are mutually exclusive: KEDA creates and owns its own HPA. Enable only one." }}
+{{- $pools := include "rerank.workerPools" . | fromJsonArray }}
+{{- $names := list }}
+{{- $ids := list }}
+{{- $defaults := list }}
+{{- range $pools }}
+{{- $where := ternary (printf "workerPools[%s]" .name) "worker" (ne .name "") }}
+{{- if has .name $names }}
+{{- fail (printf "workerPools: two pools are named %q; pool names must be unique (they name the pool's Deployment, HPA, ScaledObject and PDB)." .name) }}
 {{- end }}
-{{- if and $w.autoscaling.keda.enabled (eq (int $w.autoscaling.keda.minReplicas) 0) (ne $w.intake "jetstream") }}
-{{- fail "worker.autoscaling.keda.minReplicas=0 needs worker.intake=jetstream: with the core intake a request sent while no worker runs fails at once (no responders), and nothing would wake the pool." }}
+{{- $names = append $names .name }}
+{{- if not .model }}
+{{- fail (printf "%s: model is empty; set the Hugging Face repo id or the local directory the pool serves." $where) }}
 {{- end }}
-{{- if le (int $w.terminationGracePeriodSeconds) (int $w.drainTimeoutSeconds) }}
-{{- fail (printf "worker.terminationGracePeriodSeconds (%d) must be greater than worker.drainTimeoutSeconds (%d), or in-flight requests are killed mid-drain." (int $w.terminationGracePeriodSeconds) (int $w.drainTimeoutSeconds)) }}
+{{- if has .servedId $ids }}
+{{- fail (printf "workerPools: two pools serve the model id %q; each model is served by one pool (set servedModelName to serve the same checkpoint under another id)." .servedId) }}
+{{- end }}
+{{- $ids = append $ids .servedId }}
+{{- if .default }}{{ $defaults = append $defaults .name }}{{ end }}
+{{- if and .autoscaling.keda.enabled .autoscaling.hpa.enabled }}
+{{- fail (printf "%s.autoscaling.keda.enabled and %s.autoscaling.hpa.enabled are mutually exclusive: KEDA creates and owns its own HPA. Enable only one." $where $where) }}
+{{- end }}
+{{- if and .autoscaling.keda.enabled (eq (int .autoscaling.keda.minReplicas) 0) (ne $w.intake "jetstream") }}
+{{- fail (printf "%s.autoscaling.keda.minReplicas=0 needs worker.intake=jetstream: with the core intake a request sent while no worker runs fails at once (no responders), and nothing would wake the pool." $where) }}
+{{- end }}
+{{- if le (int .terminationGracePeriodSeconds) (int .drainTimeoutSeconds) }}
+{{- fail (printf "%s.terminationGracePeriodSeconds (%d) must be greater than %s.drainTimeoutSeconds (%d), or in-flight requests are killed mid-drain." $where (int .terminationGracePeriodSeconds) $where (int .drainTimeoutSeconds)) }}
+{{- end }}
+{{- end }}
+{{- if and $pools (ne (len $defaults) 1) }}
+{{- fail (printf "workerPools: exactly one pool must set default: true (it also serves requests that name no model, on %s), found %d%s." .Values.nats.subject (len $defaults) (ternary "" (printf ": %s" (join ", " $defaults)) (empty $defaults))) }}
 {{- end }}
 {{- $s := .Values.sidecar }}
 {{- if and $s.enabled (le (int $s.terminationGracePeriodSeconds) (add (int $s.requestTimeoutSeconds) (int $s.preStopSleepSeconds))) }}
@@ -195,9 +241,6 @@ Validation that cannot be expressed in values.schema.json. Included by every wor
 {{- $c := .Values.model.cache }}
 {{- if and (eq $c.type "hostPath") (not $c.hostPath.path) }}
 {{- fail "model.cache.type=hostPath needs model.cache.hostPath.path" }}
-{{- end }}
-{{- if and $w.enabled $w.gpu.enabled (hasPrefix "cpu" (default "cuda" $w.device)) }}
-{{- fail "worker.device=cpu contradicts worker.gpu.enabled=true (a GPU would be reserved and left idle); set worker.gpu.enabled=false for CPU workers" }}
 {{- end }}
 {{- end }}
 
@@ -299,17 +342,9 @@ failureThreshold: {{ .failureThreshold }}
 successThreshold: {{ .successThreshold }}
 {{- end }}
 
-{{/* Whether the worker's HF_HUB_OFFLINE should be 1. */}}
+{{/* Whether the workers' HF_HUB_OFFLINE should be 1. */}}
 {{- define "rerank.worker.offline" -}}
 {{- if or .Values.model.offline (and .Values.model.preDownload.enabled .Values.model.preDownload.setOffline) }}1{{ end }}
-{{- end }}
-
-{{- define "rerank.worker.dtype" -}}
-{{- if .Values.model.dtype }}{{ .Values.model.dtype }}{{ else if .Values.worker.gpu.enabled }}bf16{{ else }}f32{{ end }}
-{{- end }}
-
-{{- define "rerank.worker.device" -}}
-{{- if .Values.worker.device }}{{ .Values.worker.device }}{{ else if .Values.worker.gpu.enabled }}cuda{{ else }}cpu{{ end }}
 {{- end }}
 
 {{- define "rerank.worker.modelVolume" -}}
@@ -332,15 +367,21 @@ successThreshold: {{ .successThreshold }}
 {{- end }}
 {{- end }}
 
-{{/* Secret-backed and per-pod env of the worker container (non-secret settings come from the ConfigMap). */}}
+{{/* Secret-backed and per-pool env of a worker container, (list $root $pool) (shared non-secret settings come from the ConfigMap). */}}
 {{- define "rerank.worker.env" -}}
-{{- if include "rerank.worker.offline" . }}
+{{- $root := index . 0 }}
+{{- $p := index . 1 }}
+{{- if include "rerank.worker.offline" $root }}
 - name: HF_HUB_OFFLINE
   value: "1"
 {{- end }}
-{{- include "rerank.hfTokenEnv" . }}
-{{- include "rerank.nats.secretEnv" . }}
-{{- with .Values.worker.extraEnv }}
+{{- with $p.cpuThreadCount }}
+- name: RAYON_NUM_THREADS
+  value: {{ . | quote }}
+{{- end }}
+{{- include "rerank.hfTokenEnv" $root }}
+{{- include "rerank.nats.secretEnv" $root }}
+{{- with $p.extraEnv }}
 {{ toYaml . }}
 {{- end }}
 {{- end }}
@@ -358,4 +399,103 @@ successThreshold: {{ .successThreshold }}
 {{- with .Values.sidecar.extraEnv }}
 {{ toYaml . }}
 {{- end }}
+{{- end }}
+
+{{/*
+Deep merge of two maps, (list $base $override), as JSON: maps merge key by key, anything else in
+$override (false, 0, "", [] and null included) replaces the value in $base. Sprig's mergeOverwrite
+is not used because it skips "empty" overrides, so a pool could not turn off what `worker` turns on.
+*/}}
+{{- define "rerank.deepMerge" -}}
+{{- $base := deepCopy (index . 0) }}
+{{- range $k, $v := index . 1 }}
+{{- if and (kindIs "map" $v) (kindIs "map" (index $base $k)) }}
+{{- $_ := set $base $k (include "rerank.deepMerge" (list (index $base $k) $v) | fromJson) }}
+{{- else }}
+{{- $_ := set $base $k $v }}
+{{- end }}
+{{- end }}
+{{- toJson $base }}
+{{- end }}
+
+{{/*
+The NATS subject token of a model id. Mirrors rerank_service::wire::model_subject (src/wire/mod.rs),
+which is the one definition: ASCII letters, digits and "-" are kept, every other byte (of the
+UTF-8 encoding) is written "_XX" in uppercase hex, and the empty id is "_".
+"Qwen/Qwen3-Reranker-0.6B" -> "Qwen_2FQwen3-Reranker-0_2E6B". Change both together.
+*/}}
+{{- define "rerank.modelToken" -}}
+{{- if eq . "" }}_{{ end }}
+{{- range $c := splitList "" . }}
+{{- if regexMatch "^[A-Za-z0-9-]$" $c }}{{ $c }}{{ else }}{{ regexReplaceAll "([0-9A-F]{2})" (printf "%X" $c) "_${1}" }}{{ end }}
+{{- end }}
+{{- end }}
+
+{{/*
+RAYON_NUM_THREADS of a CPU pool, (list $pool): cpuThreads when set, else its CPU request rounded
+up ("" when neither is set: the worker then uses every core it sees).
+*/}}
+{{- define "rerank.pool.cpuThreads" -}}
+{{- $p := index . 0 }}
+{{- if gt (int $p.cpuThreads) 0 }}
+{{- int $p.cpuThreads }}
+{{- else }}
+{{- $cpu := toString (dig "requests" "cpu" "" (default (dict) $p.resources)) }}
+{{- if hasSuffix "m" $cpu }}
+{{- max 1 (div (add (int (trimSuffix "m" $cpu)) 999) 1000) }}
+{{- else if $cpu }}
+{{- max 1 (ceil (float64 $cpu) | int) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The worker pools, resolved, as a JSON list (`include "rerank.workerPools" . | fromJsonArray`).
+Each pool is the `worker` block (the defaults of every pool) deep-merged with its `workerPools`
+entry, plus derived fields:
+  name            the pool name ("" for the single pool of `workerPools: []`)
+  resourceName    its Deployment/HPA/ScaledObject/PDB name: <fullname>-worker-<name>, or
+                  <fullname>-worker for the single unnamed pool (the names from before pools)
+  model, revision, servedModelName, servedId (servedModelName, else model), default
+  onGpu, rerankDevice, dtype, token (rerank.modelToken of servedId),
+  consumer        its JetStream durable consumer: nats.jetstream.consumer for the default model,
+                  <nats.jetstream.consumer>-<token> for any other (the workers' own naming rule)
+  cpuThreadCount  RAYON_NUM_THREADS of a CPU pool ("" on a GPU pool)
+`workerPools: []` gives one pool: model.id, the default model, named as before pools existed.
+Nothing is rendered when worker.enabled is false.
+*/}}
+{{- define "rerank.workerPools" -}}
+{{- $root := . }}
+{{- $base := omit .Values.worker "enabled" "intake" "healthPort" "metricsService" }}
+{{- $entries := .Values.workerPools }}
+{{- if not $entries }}
+{{- $entries = list (dict "name" "" "model" .Values.model.id "default" true) }}
+{{- end }}
+{{- $out := list }}
+{{- if .Values.worker.enabled }}
+{{- range $entries }}
+{{- $p := include "rerank.deepMerge" (list $base .) | fromJson }}
+{{- $name := default "" .name }}
+{{- $_ := set $p "name" $name }}
+{{- if $name }}
+{{- $_ := set $p "resourceName" (printf "%s-worker-%s" (include "rerank.fullname" $root | trunc (int (sub 47 (len $name))) | trimSuffix "-") $name) }}
+{{- else }}
+{{- $_ := set $p "resourceName" (include "rerank.workerName" $root) }}
+{{- end }}
+{{- $_ := set $p "model" (default "" .model) }}
+{{- $_ := set $p "revision" (default $root.Values.model.revision .revision) }}
+{{- $_ := set $p "servedModelName" (default "" .servedModelName) }}
+{{- $_ := set $p "servedId" (default $p.model $p.servedModelName) }}
+{{- $_ := set $p "default" (eq (toString .default) "true") }}
+{{- $device := default "" $p.device }}
+{{- $_ := set $p "onGpu" (ternary $p.gpu.enabled (ne $device "cpu") (eq $device "")) }}
+{{- $_ := set $p "rerankDevice" (ternary (ternary "cuda" "cpu" $p.onGpu) $device (has $device (list "" "gpu"))) }}
+{{- $_ := set $p "dtype" (default (default (ternary "bf16" "f32" $p.onGpu) $root.Values.model.dtype) .dtype) }}
+{{- $_ := set $p "token" (include "rerank.modelToken" $p.servedId) }}
+{{- $_ := set $p "consumer" (ternary $root.Values.nats.jetstream.consumer (printf "%s-%s" $root.Values.nats.jetstream.consumer $p.token) $p.default) }}
+{{- $_ := set $p "cpuThreadCount" (ternary "" (include "rerank.pool.cpuThreads" (list $p)) $p.onGpu) }}
+{{- $out = append $out $p }}
+{{- end }}
+{{- end }}
+{{- toJson $out }}
 {{- end }}
