@@ -186,7 +186,10 @@ impl ModernBertConfig {
             message,
         };
         let heads = self.num_attention_heads;
-        if heads == 0 || self.hidden_size % heads != 0 || (self.hidden_size / heads) % 2 != 0 {
+        if heads == 0
+            || !self.hidden_size.is_multiple_of(heads)
+            || !(self.hidden_size / heads).is_multiple_of(2)
+        {
             return Err(invalid(format!(
                 "hidden_size {} is not an even head size times num_attention_heads {heads}",
                 self.hidden_size
