@@ -64,6 +64,9 @@ golden: tests/fixtures/tokenizer/tokenizer.json
 	$(TOOLS)/golden-venv/bin/pip install --quiet -r tests/fixtures/requirements-golden.txt
 	$(TOOLS)/golden-venv/bin/python tests/fixtures/make_golden.py
 	$(TOOLS)/golden-venv/bin/python tests/fixtures/make_golden_families.py
+	$(PYTHON) -m venv $(TOOLS)/golden-venv-v2
+	$(TOOLS)/golden-venv-v2/bin/pip install --quiet -r tests/fixtures/requirements-golden-v2.txt
+	$(TOOLS)/golden-venv-v2/bin/python tests/fixtures/make_golden_modernbert.py
 
 ## cuda: the CUDA binary, built without a GPU (toolkit from PyPI wheels; see bench/README.md).
 cuda:

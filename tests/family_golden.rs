@@ -1,18 +1,20 @@
 //! The BERT and XLM-RoBERTa families against transformers 4.47.1 (`tests/fixtures/golden_families.json`,
-//! written by `make_golden_families.py`): token ids and token types exactly, scores within 1e-4
-//! (f32, CPU), batch invariance (1e-5), truncation END (`longest_first`) and NONE, CHUNK refused,
-//! tokenization bounded by `max_length`, and `rerank score --model DIR` end to end.
+//! written by `make_golden_families.py`) and ModernBERT against transformers 4.51.3
+//! (`tests/fixtures/golden_modernbert.json`, written by `make_golden_modernbert.py`, mean and CLS
+//! pooling): token ids and token types exactly, scores within 1e-4 (f32, CPU), batch invariance
+//! (1e-5), truncation END (`longest_first`) and NONE, CHUNK refused, tokenization bounded by
+//! `max_length`, `rerank score --model DIR` end to end, and the configs a family cannot run refused.
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use candle_core::{DType, Device};
 use common::*;
 use rerank_service::model::family::{self, Family};
 use rerank_service::model::{
-    EncodePairsError, LoadedModel, ModelFiles, SequenceRef, TokenizeWork, Truncation,
+    EncodePairsError, LoadedModel, ModelError, ModelFiles, SequenceRef, TokenizeWork, Truncation,
     UnsupportedPair,
 };
 use serde::Deserialize;
@@ -50,6 +52,21 @@ struct Case {
     scores: Vec<f32>,
 }
 
+/// `golden_modernbert.json`: one model directory, read as written and with config overrides.
+#[derive(Debug, Deserialize)]
+struct ModernBertGolden {
+    transformers: String,
+    variants: Vec<ModernBertVariant>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ModernBertVariant {
+    variant: String,
+    model_dir: String,
+    config_overrides: serde_json::Map<String, serde_json::Value>,
+    cases: Vec<Case>,
+}
+
 fn golden() -> Golden {
     let path = repo_root().join("tests/fixtures/golden_families.json");
     let text = std::fs::read_to_string(&path).expect("golden_families.json (make golden)");
@@ -61,8 +78,42 @@ fn model_dir(dir: &str) -> PathBuf {
 }
 
 fn load(dir: &str, max_length: usize) -> LoadedModel {
-    let files = ModelFiles::from_dir(&model_dir(dir)).expect("model files");
-    family::load(&files, None, DType::F32, &Device::Cpu, max_length).expect("model loads")
+    load_path(&model_dir(dir), max_length)
+}
+
+fn load_path(dir: &Path, max_length: usize) -> LoadedModel {
+    try_load(dir, DType::F32, max_length).expect("model loads")
+}
+
+fn try_load(dir: &Path, dtype: DType, max_length: usize) -> Result<LoadedModel, ModelError> {
+    let files = ModelFiles::from_dir(dir).expect("model files");
+    family::load(&files, None, dtype, &Device::Cpu, max_length)
+}
+
+fn modernbert_golden() -> ModernBertGolden {
+    let path = repo_root().join("tests/fixtures/golden_modernbert.json");
+    let text = std::fs::read_to_string(&path).expect("golden_modernbert.json (make golden)");
+    serde_json::from_str(&text).expect("golden_modernbert.json parses")
+}
+
+/// A copy of the fixture model `dir` whose config.json has `overrides` applied.
+fn model_with_config(
+    dir: &str,
+    overrides: &serde_json::Map<String, serde_json::Value>,
+) -> tempfile::TempDir {
+    let copy = tempfile::tempdir().expect("tempdir");
+    for entry in std::fs::read_dir(model_dir(dir)).expect("fixture dir") {
+        let entry = entry.expect("dir entry");
+        std::fs::copy(entry.path(), copy.path().join(entry.file_name())).expect("copy fixture");
+    }
+    let path = copy.path().join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("config.json")).expect("JSON");
+    for (key, value) in overrides {
+        config[key] = value.clone();
+    }
+    std::fs::write(&path, config.to_string()).expect("write config.json");
+    copy
 }
 
 fn truncation(name: &str) -> Truncation {
@@ -71,6 +122,69 @@ fn truncation(name: &str) -> Truncation {
         "NONE" => Truncation::None,
         other => panic!("unknown truncation {other}"),
     }
+}
+
+/// Checks `cases` against the model in `dir`: token ids and types exactly, scores within [`TOL`]
+/// alone, and the same in a batch and a reversed batch (within [`BATCH_TOL`]); returns the largest
+/// score difference from transformers.
+fn check_cases(name: &str, dir: &Path, cases: &[Case], expected_family: Family) -> f32 {
+    let mut worst = 0f32;
+    for case in cases {
+        let what = format!("{name} / {}", case.name);
+        let loaded = load_path(dir, case.max_length);
+        assert_eq!(loaded.family, expected_family, "{what}");
+        assert_eq!(loaded.reranker.family(), expected_family, "{what}");
+        let docs: Vec<&str> = case.documents.iter().map(String::as_str).collect();
+        let mut work = TokenizeWork::default();
+        let encoded = loaded.encoder.encode_pairs_counting(
+            &case.query,
+            &docs,
+            truncation(&case.truncation),
+            &mut work,
+        );
+        if let Some(refused) = case.refused_doc {
+            match encoded {
+                Err(EncodePairsError::TooLong(t)) => {
+                    assert_eq!(t.doc_index, refused, "{what}");
+                    assert!(t.tokens > case.max_length, "{what}: {t}");
+                }
+                other => panic!("{what}: expected document {refused} refused, got {other:?}"),
+            }
+            continue;
+        }
+        let pairs = encoded.unwrap_or_else(|e| panic!("{what}: {e}"));
+        let ids: Vec<Vec<u32>> = pairs.iter().map(|p| p.ids.clone()).collect();
+        assert_eq!(ids, case.ids, "{what}: token ids");
+        for (pair, types) in pairs.iter().zip(&case.type_ids) {
+            let ours: Vec<u32> = (0..pair.ids.len())
+                .map(|i| u32::from(i >= pair.second_segment))
+                .collect();
+            assert_eq!(&ours, types, "{what}: token types");
+        }
+        let sequences: Vec<SequenceRef<'_>> = pairs
+            .iter()
+            .map(|p| SequenceRef {
+                ids: &p.ids,
+                second_segment: p.second_segment,
+            })
+            .collect();
+        let alone: Vec<f32> = sequences
+            .iter()
+            .map(|s| loaded.reranker.score_sequences(&[*s]).expect("score")[0])
+            .collect();
+        assert_close(&alone, &case.scores, TOL, &what);
+        for (a, b) in alone.iter().zip(&case.scores) {
+            worst = worst.max((a - b).abs());
+        }
+        // The same pairs in one padded batch, and reversed.
+        let batched = loaded.reranker.score_sequences(&sequences).expect("batch");
+        assert_close(&batched, &alone, BATCH_TOL, &format!("{what}: batch"));
+        let reversed: Vec<SequenceRef<'_>> = sequences.iter().rev().copied().collect();
+        let mut back = loaded.reranker.score_sequences(&reversed).expect("batch");
+        back.reverse();
+        assert_close(&back, &alone, BATCH_TOL, &format!("{what}: reversed batch"));
+    }
+    worst
 }
 
 #[test]
@@ -84,69 +198,19 @@ fn every_family_matches_transformers() {
             "bert" => Family::Bert,
             _ => Family::XlmRoberta,
         };
-        let mut worst = 0f32;
-        for case in &fam.cases {
-            let what = format!("{} / {}", fam.family, case.name);
-            let loaded = load(&fam.model_dir, case.max_length);
-            assert_eq!(loaded.family, expected_family, "{what}");
-            assert_eq!(loaded.reranker.family(), expected_family, "{what}");
-            let docs: Vec<&str> = case.documents.iter().map(String::as_str).collect();
-            let mut work = TokenizeWork::default();
-            let encoded = loaded.encoder.encode_pairs_counting(
-                &case.query,
-                &docs,
-                truncation(&case.truncation),
-                &mut work,
-            );
-            if let Some(refused) = case.refused_doc {
-                match encoded {
-                    Err(EncodePairsError::TooLong(t)) => {
-                        assert_eq!(t.doc_index, refused, "{what}");
-                        assert!(t.tokens > case.max_length, "{what}: {t}");
-                    }
-                    other => panic!("{what}: expected document {refused} refused, got {other:?}"),
-                }
-                continue;
-            }
-            let pairs = encoded.unwrap_or_else(|e| panic!("{what}: {e}"));
-            let ids: Vec<Vec<u32>> = pairs.iter().map(|p| p.ids.clone()).collect();
-            assert_eq!(ids, case.ids, "{what}: token ids");
-            for (pair, types) in pairs.iter().zip(&case.type_ids) {
-                let ours: Vec<u32> = (0..pair.ids.len())
-                    .map(|i| u32::from(i >= pair.second_segment))
-                    .collect();
-                assert_eq!(&ours, types, "{what}: token types");
-            }
-            let sequences: Vec<SequenceRef<'_>> = pairs
-                .iter()
-                .map(|p| SequenceRef {
-                    ids: &p.ids,
-                    second_segment: p.second_segment,
-                })
-                .collect();
-            let alone: Vec<f32> = sequences
-                .iter()
-                .map(|s| loaded.reranker.score_sequences(&[*s]).expect("score")[0])
-                .collect();
-            assert_close(&alone, &case.scores, TOL, &what);
-            for (a, b) in alone.iter().zip(&case.scores) {
-                worst = worst.max((a - b).abs());
-            }
-            // The same pairs in one padded batch, and reversed.
-            let batched = loaded.reranker.score_sequences(&sequences).expect("batch");
-            assert_close(&batched, &alone, BATCH_TOL, &format!("{what}: batch"));
-            let reversed: Vec<SequenceRef<'_>> = sequences.iter().rev().copied().collect();
-            let mut back = loaded.reranker.score_sequences(&reversed).expect("batch");
-            back.reverse();
-            assert_close(&back, &alone, BATCH_TOL, &format!("{what}: reversed batch"));
-        }
+        let worst = check_cases(
+            &fam.family,
+            &model_dir(&fam.model_dir),
+            &fam.cases,
+            expected_family,
+        );
         eprintln!("{}: max |score - transformers| = {worst:e}", fam.family);
     }
 }
 
 #[test]
 fn tokenizing_is_bounded_by_max_length_not_by_the_document() {
-    for dir in ["bert-tiny", "xlmr-tiny"] {
+    for dir in ["bert-tiny", "xlmr-tiny", "modernbert-tiny"] {
         let loaded = load(dir, 64);
         let sentence = "Rerankers reorder passages; 東京 and Москва too, naïve café. ";
         let small = sentence.repeat(60); // ~4 KB
@@ -197,45 +261,121 @@ fn tokenizing_is_bounded_by_max_length_not_by_the_document() {
     }
 }
 
+/// `rerank score --model DIR` on the case's query and documents, at the CLI defaults.
+fn rerank_score(dir: &Path, case: &Case, what: &str) {
+    assert_eq!(
+        case.max_length, 512,
+        "{what}: the first case runs at the CLI default"
+    );
+    let mut child = Command::new(rerank_bin())
+        .arg("score")
+        .arg("--model")
+        .arg(dir)
+        .env_remove("RERANK_MAX_LENGTH")
+        .env_remove("RERANK_DTYPE")
+        .env_remove("RERANK_TOKENIZER")
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("rerank starts");
+    let input = serde_json::json!({"query": case.query, "documents": case.documents});
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin
+            .write_all(input.to_string().as_bytes())
+            .expect("write stdin");
+    }
+    let out = child.wait_with_output().expect("rerank finishes");
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let value: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let scores: Vec<f32> = serde_json::from_value(value["scores"].clone()).expect("scores");
+    assert_close(&scores, &case.scores, TOL, what);
+}
+
 #[test]
 fn rerank_score_serves_every_family() {
     let golden = golden();
     for fam in &golden.families {
-        let case = &fam.cases[0];
-        assert_eq!(
-            case.max_length, 512,
-            "the first case runs at the CLI default"
-        );
-        let mut child = Command::new(rerank_bin())
-            .arg("score")
-            .arg("--model")
-            .arg(model_dir(&fam.model_dir))
-            .env_remove("RERANK_MAX_LENGTH")
-            .env_remove("RERANK_DTYPE")
-            .env_remove("RERANK_TOKENIZER")
-            .env("HF_ENDPOINT", "http://127.0.0.1:9")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("rerank starts");
-        let input = serde_json::json!({"query": case.query, "documents": case.documents});
-        {
-            use std::io::Write;
-            let mut stdin = child.stdin.take().expect("stdin");
-            stdin
-                .write_all(input.to_string().as_bytes())
-                .expect("write stdin");
-        }
-        let out = child.wait_with_output().expect("rerank finishes");
-        assert!(
-            out.status.success(),
-            "{}: {}",
-            fam.family,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let value: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
-        let scores: Vec<f32> = serde_json::from_value(value["scores"].clone()).expect("scores");
-        assert_close(&scores, &case.scores, TOL, &fam.family);
+        rerank_score(&model_dir(&fam.model_dir), &fam.cases[0], &fam.family);
     }
+    let modernbert = modernbert_golden();
+    let mean = &modernbert.variants[0];
+    assert!(mean.config_overrides.is_empty());
+    rerank_score(&model_dir(&mean.model_dir), &mean.cases[0], "modernbert");
+}
+
+#[test]
+fn modernbert_matches_transformers() {
+    let golden = modernbert_golden();
+    assert_eq!(golden.transformers, "4.51.3");
+    let variants: Vec<&str> = golden.variants.iter().map(|v| v.variant.as_str()).collect();
+    assert_eq!(variants, ["mean", "cls"], "both poolings");
+    for variant in &golden.variants {
+        let copy = model_with_config(&variant.model_dir, &variant.config_overrides);
+        let name = format!("modernbert ({} pooling)", variant.variant);
+        let worst = check_cases(&name, copy.path(), &variant.cases, Family::ModernBert);
+        eprintln!("{name}: max |score - transformers| = {worst:e}");
+    }
+}
+
+#[test]
+fn modernbert_refuses_what_it_cannot_run() {
+    let refused = |overrides: serde_json::Value, dtype: DType| {
+        let copy = model_with_config("modernbert-tiny", overrides.as_object().expect("object"));
+        try_load(copy.path(), dtype, 512).expect_err("refused")
+    };
+    // A checkpoint without the sequence-classification head.
+    let e = refused(
+        serde_json::json!({"architectures": ["ModernBertForMaskedLM"]}),
+        DType::F32,
+    );
+    assert!(
+        matches!(&e, ModelError::UnsupportedFamily { model_type, architectures, .. }
+            if model_type == "modernbert" && architectures == "ModernBertForMaskedLM"),
+        "{e}"
+    );
+    assert!(
+        e.to_string()
+            .contains("ModernBertForSequenceClassification"),
+        "{e}"
+    );
+    // Options candle-transformers' encoder would silently ignore, and dtypes it cannot run.
+    for (overrides, dtype, field) in [
+        (
+            serde_json::json!({"attention_bias": true}),
+            DType::F32,
+            "attention_bias",
+        ),
+        (
+            serde_json::json!({"hidden_activation": "silu"}),
+            DType::F32,
+            "hidden_activation",
+        ),
+        (serde_json::json!({}), DType::BF16, "dtype"),
+    ] {
+        let e = refused(overrides, dtype);
+        assert!(
+            matches!(&e, ModelError::Unsupported { field: f, .. } if *f == field),
+            "{field}: {e}"
+        );
+    }
+    // A classifier with more than one label is not a reranker.
+    let e = refused(
+        serde_json::json!({"id2label": {"0": "no", "1": "yes"}}),
+        DType::F32,
+    );
+    assert!(matches!(e, ModelError::Config { .. }), "{e}");
+    // Past the position table.
+    let e = refused(
+        serde_json::json!({"max_position_embeddings": 256}),
+        DType::F32,
+    );
+    assert!(matches!(e, ModelError::MaxLength { max: 256, .. }), "{e}");
 }

@@ -14,9 +14,11 @@
 //! | [`Family::LlamaBidirec`] (default) | `llama_bidirec` | our packed forward (`cross_encoder.rs`) | prompt template (`tokenizer.rs`) |
 //! | [`Family::Bert`] | `bert` / `BertForSequenceClassification` | candle-transformers `BertModel`, our pooler and classifier ([`bert`]) | `[CLS] q [SEP] d [SEP]`, token types 0/1 ([`segment_pairs`]) |
 //! | [`Family::XlmRoberta`] | `xlm-roberta` / `XLMRobertaForSequenceClassification` | candle-transformers ([`xlm_roberta`]) | `<s> q </s></s> d </s>` ([`segment_pairs`]) |
+//! | [`Family::ModernBert`] | `modernbert` / `ModernBertForSequenceClassification` | candle-transformers `ModernBert` encoder, our pooling, head and classifier ([`modernbert`]) | `[CLS] q [SEP] d [SEP]`, no token types ([`segment_pairs`]) |
 
 pub mod bert;
 mod llama_bidirec;
+pub mod modernbert;
 pub mod segment_pairs;
 pub mod xlm_roberta;
 
@@ -37,12 +39,15 @@ pub enum Family {
     Bert,
     /// `XLMRobertaForSequenceClassification` (BAAI/bge-reranker-v2-m3, bge-reranker-base/large).
     XlmRoberta,
+    /// `ModernBertForSequenceClassification` (Alibaba-NLP/gte-reranker-modernbert-base).
+    ModernBert,
 }
 
 /// What [`ModelError::UnsupportedFamily`] lists.
 pub const SUPPORTED_FAMILIES: &str =
     "llama_bidirec (LlamaBidirectionalForSequenceClassification), \
-    bert (BertForSequenceClassification), xlm-roberta (XLMRobertaForSequenceClassification)";
+    bert (BertForSequenceClassification), xlm-roberta (XLMRobertaForSequenceClassification), \
+    modernbert (ModernBertForSequenceClassification)";
 
 impl Family {
     /// The family's name in logs and metadata (its `model_type`).
@@ -51,6 +56,7 @@ impl Family {
             Family::LlamaBidirec => "llama_bidirec",
             Family::Bert => "bert",
             Family::XlmRoberta => "xlm-roberta",
+            Family::ModernBert => "modernbert",
         }
     }
 
@@ -86,6 +92,7 @@ impl Family {
             "llama_bidirec" => Some(Family::LlamaBidirec),
             "bert" if has("BertForSequenceClassification") => Some(Family::Bert),
             "xlm-roberta" if has("XLMRobertaForSequenceClassification") => Some(Family::XlmRoberta),
+            "modernbert" if has("ModernBertForSequenceClassification") => Some(Family::ModernBert),
             _ => None,
         };
         family.ok_or_else(|| ModelError::UnsupportedFamily {
@@ -215,6 +222,11 @@ pub fn load(
         }
         Family::XlmRoberta => {
             let model = xlm_roberta::XlmRobertaReranker::load(files, dtype, device, max_length)?;
+            let encoder = SegmentPairTokenizer::from_file(tokenizer, max_length, family.name())?;
+            (Box::new(model), Box::new(encoder))
+        }
+        Family::ModernBert => {
+            let model = modernbert::ModernBertReranker::load(files, dtype, device, max_length)?;
             let encoder = SegmentPairTokenizer::from_file(tokenizer, max_length, family.name())?;
             (Box::new(model), Box::new(encoder))
         }
@@ -369,6 +381,12 @@ mod tests {
             .unwrap(),
             Family::XlmRoberta
         );
+        assert_eq!(
+            detect(json!({"model_type": "modernbert",
+                "architectures": ["ModernBertForSequenceClassification"]}))
+            .unwrap(),
+            Family::ModernBert
+        );
     }
 
     #[test]
@@ -386,6 +404,16 @@ mod tests {
         assert!(
             message.contains("XLMRobertaForSequenceClassification"),
             "{message}"
+        );
+        let e = Family::from_config(
+            &json!({"model_type": "modernbert", "architectures": ["ModernBertForMaskedLM"]}),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("ModernBertForMaskedLM")
+                && e.to_string()
+                    .contains("ModernBertForSequenceClassification"),
+            "{e}"
         );
         let message = Family::from_config(&json!({"model_type": "qwen3"}))
             .unwrap_err()

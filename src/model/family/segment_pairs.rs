@@ -1,6 +1,7 @@
 //! Pair encoding of the BERT-style cross-encoders: the query and the document are two segments
 //! joined by the tokenizer's own post-processor (`[CLS] q [SEP] d [SEP]` with token types 0/1 for
-//! BERT, `<s> q </s></s> d </s>` for XLM-RoBERTa), truncated `longest_first` exactly as
+//! BERT, `<s> q </s></s> d </s>` for XLM-RoBERTa, `[CLS] q [SEP] d [SEP]` without token types for
+//! ModernBERT), truncated `longest_first` exactly as
 //! transformers' `tokenizer(q, d, truncation=True, max_length=L)` does (it calls the same
 //! `tokenizers` code: [`Tokenizer::post_process`] with `LongestFirst`).
 //!
@@ -25,8 +26,17 @@
 //!   collapsing nor `Metaspace` (which splits before each `▁`) sees anything different before the
 //!   cut, no composition joins a character with a following space, and Unigram segments each
 //!   pre-token on its own.
+//! - *ModernBERT* (NFC, `ByteLevel` with the GPT-2 regex and no prefix space, byte-level BPE): NFC
+//!   composes no character with a following space; in the regex a space can only *start* a
+//!   pre-token (` ?\p{L}+`, ` ?\p{N}+`, ` ?[^\s\p{L}\p{N}]+`) or belong to a run of whitespace,
+//!   and the character before the cut is neither, so the pre-tokens before the cut are the same
+//!   (the one lookahead, `\s+(?!\S)`, only ends whitespace runs, which lie before that character);
+//!   BPE merges within one pre-token.
 //!
-//! Added tokens (`[SEP]`, `<s>`, …) contain no space, so a cut never falls inside one.
+//! Added tokens (`[SEP]`, `<s>`, …) either contain no space, so a cut never falls inside one, or
+//! are all whitespace (GPT-NeoX's and so ModernBERT's runs of spaces), so a match that covers the
+//! cut starts at it, never before (the character before the cut is visible): the matches before the
+//! cut are the same in the prefix. Any other added token with a space is refused at load.
 //! `tests/family_golden.rs` checks all this against transformers on multilingual text.
 //!
 //! Which segment keeps the odd token when both the query and the document exceed the budget
@@ -140,7 +150,7 @@ impl SegmentPairTokenizer {
         if let Some(spaced) = tokenizer
             .get_added_tokens_decoder()
             .into_values()
-            .find(|t| t.content.contains(' '))
+            .find(|t| t.content.contains(' ') && !t.content.chars().all(char::is_whitespace))
         {
             return Err(invalid(format!(
                 "added token `{}` contains a space, which the bounded tokenization does not support",
