@@ -4,7 +4,7 @@
 //! of the packed forward too: a one-token sequence, one 512-token sequence among short ones, and a
 //! batch exactly at the token budget.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -23,8 +23,8 @@
 //! load for 10 minutes (default 10 s) and prints RSS and latency per half; against a deployed
 //! pool, `rerank bench --mode nats --concurrency 64 --requests N` is the load generator.
 
-mod common;
-mod stack;
+use crate::common;
+use crate::stack;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

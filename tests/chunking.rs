@@ -1,8 +1,8 @@
 //! `truncate: CHUNK`: a long document is scored as overlapping windows of its own tokens, each
 //! repeating the query, and keeps its best window's score and span (tiny model, f32 CPU).
 
-mod common;
-mod stack;
+use crate::common;
+use crate::stack;
 
 use std::ops::Range;
 

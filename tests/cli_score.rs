@@ -2,7 +2,7 @@
 //! `{"scores": [...], "ranked_indices": [...]}` on stdout; errors exit non-zero with one line on
 //! stderr. Also sharded weights and the CPU throughput on the tiny model.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};

@@ -2,8 +2,8 @@
 //! worker restart, no retry on invalid input, the per-attempt timeout, the similarity fallback,
 //! and the HTTP transport through a real sidecar.
 
-mod common;
-mod stack;
+use crate::common;
+use crate::stack;
 
 use std::time::{Duration, Instant};
 

@@ -2,7 +2,7 @@
 //! `nats micro info|stats` reads them) list the rerank endpoint, and STATS counts what the workers
 //! actually answered, across two workers.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

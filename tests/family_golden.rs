@@ -5,7 +5,7 @@
 //! (1e-5), truncation END (`longest_first`) and NONE, CHUNK refused, tokenization bounded by
 //! `max_length`, `rerank score --model DIR` end to end, and the configs a family cannot run refused.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -17,8 +17,8 @@
 //! - Positional arrays (`["query", ["doc"]]`) are accepted as the struct in field order, as serde
 //!   does for JSON and rmp-serde for MessagePack (documented in `wire`).
 
-mod common;
-mod stack;
+use crate::common;
+use crate::stack;
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;

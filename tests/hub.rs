@@ -6,7 +6,7 @@
 //! `Range: bytes=0-0` probe answered 206 with `etag`, `x-repo-commit` and `content-range`, then
 //! ranged downloads (206, clamped to the file's end as HTTP says).
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -2,8 +2,8 @@
 //! directory (loopback only), real worker processes on the tiny model, the real sidecar and client.
 //! Numbers follow issue 12's test list.
 
-mod common;
-mod stack;
+use crate::common;
+use crate::stack;
 
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;

@@ -1,7 +1,7 @@
 //! `rerank loadgen` holds load on a real pool through the real client, survives a worker being
 //! killed mid-run (retries), and reports requests, failures and worker memory.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

@@ -3,7 +3,7 @@
 //! the `Engine` on the texts, for every golden case. Plus the `Truncation::None` error and a check
 //! that the fixture files are the ones the golden file was computed from.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

@@ -4,8 +4,8 @@
 //! answered), `/v1/models` lists both, an unknown model is 404 `model_not_found` naming both,
 //! no model goes to the default, and the client's `.model(..)` reaches its model's subject.
 
-mod common;
-mod stack;
+use crate::common;
+use crate::stack;
 
 use std::collections::HashMap;
 use std::time::Duration;

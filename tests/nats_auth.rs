@@ -1,7 +1,7 @@
 //! The worker (and a client) against nats-servers that require authentication: token,
 //! user/password, NKey, TLS with a private CA, and mutual TLS. Wrong credentials fail loudly.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

@@ -1,8 +1,8 @@
 //! The HTTP sidecar against a real nats-server, real worker processes (tiny model), a real sidecar
 //! on 127.0.0.1:0 and a real HTTP client: every route's success and error paths.
 
-mod common;
-mod stack;
+use crate::common;
+use crate::stack;
 
 use std::time::{Duration, Instant};
 

@@ -6,8 +6,8 @@
 //! The timed facts here are lower bounds only (the server must not close a connection before its
 //! timeout), which a slow machine cannot break; upper bounds are generous polling limits.
 
-mod common;
-mod stack;
+use crate::common;
+use crate::stack;
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};

@@ -1,7 +1,7 @@
 //! Observability: one trace across the hops (exported over OTLP to an in-test receiver that decodes
 //! the real protobuf), and Prometheus metrics that add up.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

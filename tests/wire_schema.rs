@@ -3,7 +3,7 @@
 //!
 //! After an intended change to `src/wire`, regenerate with `UPDATE_SCHEMAS=1 cargo test --test wire_schema`.
 
-mod common;
+use crate::common;
 
 use rerank_service::wire::{
     self, ErrorCode, ErrorReply, RerankReply, RerankRequest, Truncate, Usage,

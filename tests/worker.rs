@@ -1,7 +1,7 @@
 //! The NATS worker against a real nats-server: round trips, errors, the queue group, overload,
 //! SIGTERM drain and reconnects.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
