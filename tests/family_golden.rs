@@ -518,3 +518,39 @@ fn rerank_score_serves_qwen3_with_its_instruction() {
         assert_close(&scores, &case.scores, TOL, &case.name);
     }
 }
+
+/// Half precision on the CPU takes the path CUDA takes (q/k norms on the unfused rows, candle's
+/// `rope_thd`, the per-sequence causal attention): close to the f32 reference, and a pair scores
+/// the same alone or in a batch.
+#[test]
+fn qwen3_half_precision_takes_the_per_sequence_path() {
+    let golden = qwen3_golden();
+    let case = &golden.cases[0];
+    let files = ModelFiles::from_dir(&model_dir(&golden.model_dir)).expect("model files");
+    let loaded = family::load(&files, None, DType::F16, &Device::Cpu, case.max_length)
+        .expect("model loads in f16");
+    let sequences: Vec<SequenceRef<'_>> = case
+        .ids
+        .iter()
+        .map(|ids| SequenceRef::single(ids))
+        .collect();
+    let alone: Vec<f32> = sequences
+        .iter()
+        .map(|s| loaded.reranker.score_sequences(&[*s]).expect("score")[0])
+        .collect();
+    let worst = alone
+        .iter()
+        .zip(&case.scores)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    eprintln!("qwen3 f16: max |score - transformers f32| = {worst:e}");
+    assert_close(&alone, &case.scores, 0.1, "qwen3 f16");
+    let batched = loaded.reranker.score_sequences(&sequences).expect("batch");
+    let spread = batched
+        .iter()
+        .zip(&alone)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    eprintln!("qwen3 f16: max |batch - alone| = {spread:e}");
+    assert_close(&batched, &alone, 1e-2, "qwen3 f16: batch");
+}
