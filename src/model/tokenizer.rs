@@ -16,7 +16,8 @@
 //! [`SafeCuts`]) that already yields more tokens than the pair can hold, with identical tokens, and
 //! a text with more bytes than `max_length` tokens can possibly cover (the longest token of the
 //! vocabulary bounds the bytes per token) is refused under `Truncation::None` without tokenizing it
-//! at all. [`TokenizeWork`] counts the work, so tests and metrics can see it.
+//! at all. [`TokenizeWork`] counts the work, so tests and metrics can see it. `BoundedTokenizer`
+//! holds this machinery; the Qwen3-Reranker prompt (`family/qwen3_prompt.rs`) uses it too.
 
 use std::path::Path;
 
