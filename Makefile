@@ -58,7 +58,8 @@ lint:
 fmt:
 	cargo fmt --all
 
-## golden: regenerate the tiny model and the Hugging Face reference scores (pinned versions).
+## golden: regenerate the tiny models and the Hugging Face reference scores (pinned versions; a
+## second pin, requirements-golden-v2.txt, for the families that need a newer transformers).
 golden: tests/fixtures/tokenizer/tokenizer.json
 	$(PYTHON) -m venv $(TOOLS)/golden-venv
 	$(TOOLS)/golden-venv/bin/pip install --quiet -r tests/fixtures/requirements-golden.txt
@@ -67,6 +68,7 @@ golden: tests/fixtures/tokenizer/tokenizer.json
 	$(PYTHON) -m venv $(TOOLS)/golden-venv-v2
 	$(TOOLS)/golden-venv-v2/bin/pip install --quiet -r tests/fixtures/requirements-golden-v2.txt
 	$(TOOLS)/golden-venv-v2/bin/python tests/fixtures/make_golden_modernbert.py
+	$(TOOLS)/golden-venv-v2/bin/python tests/fixtures/make_golden_qwen3.py
 
 ## cuda: the CUDA binary, built without a GPU (toolkit from PyPI wheels; see bench/README.md).
 cuda:

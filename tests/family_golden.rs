@@ -4,6 +4,10 @@
 //! pooling): token ids and token types exactly, scores within 1e-4 (f32, CPU), batch invariance
 //! (1e-5), truncation END (`longest_first`) and NONE, CHUNK refused, tokenization bounded by
 //! `max_length`, `rerank score --model DIR` end to end, and the configs a family cannot run refused.
+//!
+//! Qwen3-Reranker against transformers 4.51.3 and the model card's code (`golden_qwen3.json`,
+//! written by `make_golden_qwen3.py`): the same checks, plus P(yes) = sigmoid(score), a custom
+//! instruction, and batch invariance across causal sequences packed together.
 
 use crate::common;
 
@@ -12,7 +16,8 @@ use std::process::{Command, Stdio};
 
 use candle_core::{DType, Device};
 use common::*;
-use rerank_service::model::family::{self, Family};
+use rerank_service::model::family::qwen3_prompt::{Qwen3PromptTokenizer, DEFAULT_INSTRUCTION};
+use rerank_service::model::family::{self, Family, LoadOptions};
 use rerank_service::model::{
     EncodePairsError, LoadedModel, ModelError, ModelFiles, SequenceRef, TokenizeWork, Truncation,
     UnsupportedPair,
@@ -378,4 +383,314 @@ fn modernbert_refuses_what_it_cannot_run() {
         DType::F32,
     );
     assert!(matches!(e, ModelError::MaxLength { max: 256, .. }), "{e}");
+}
+
+// ---- Qwen3-Reranker ----
+
+#[derive(Debug, Deserialize)]
+struct Qwen3Golden {
+    transformers: String,
+    model_dir: String,
+    default_instruction: String,
+    yes_id: u32,
+    no_id: u32,
+    prefix_ids: Vec<u32>,
+    suffix_ids: Vec<u32>,
+    cases: Vec<Qwen3Case>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Qwen3Case {
+    name: String,
+    instruction: Option<String>,
+    query: String,
+    documents: Vec<String>,
+    max_length: usize,
+    truncation: String,
+    #[serde(default)]
+    refused_doc: Option<usize>,
+    #[serde(default)]
+    ids: Vec<Vec<u32>>,
+    #[serde(default)]
+    scores: Vec<f32>,
+    #[serde(default)]
+    probabilities: Vec<f32>,
+}
+
+fn qwen3_golden() -> Qwen3Golden {
+    let path = repo_root().join("tests/fixtures/golden_qwen3.json");
+    let text = std::fs::read_to_string(&path).expect("golden_qwen3.json (make golden)");
+    serde_json::from_str(&text).expect("golden_qwen3.json parses")
+}
+
+fn load_qwen3(dir: &str, max_length: usize, instruction: Option<&str>) -> LoadedModel {
+    let files = ModelFiles::from_dir(&model_dir(dir)).expect("model files");
+    let options = LoadOptions {
+        instruction: instruction.map(str::to_string),
+    };
+    family::load_with(&files, None, DType::F32, &Device::Cpu, max_length, &options)
+        .expect("model loads")
+}
+
+#[test]
+fn qwen3_matches_the_model_card() {
+    let golden = qwen3_golden();
+    assert_eq!(golden.transformers, "4.51.3");
+    assert_eq!(golden.default_instruction, DEFAULT_INSTRUCTION);
+    let tokenizer = Qwen3PromptTokenizer::from_file(
+        &model_dir(&golden.model_dir).join("tokenizer.json"),
+        512,
+        None,
+    )
+    .expect("tokenizer loads");
+    let answers = tokenizer.answers();
+    assert_eq!((answers.yes, answers.no), (golden.yes_id, golden.no_id));
+    let mut worst = 0f32;
+    let mut all_ids: Vec<Vec<u32>> = Vec::new();
+    let mut all_scores: Vec<f32> = Vec::new();
+    for case in &golden.cases {
+        let what = format!("qwen3 / {}", case.name);
+        let loaded = load_qwen3(
+            &golden.model_dir,
+            case.max_length,
+            case.instruction.as_deref(),
+        );
+        assert_eq!(loaded.family, Family::Qwen3, "{what}");
+        assert_eq!(loaded.reranker.family(), Family::Qwen3, "{what}");
+        let docs: Vec<&str> = case.documents.iter().map(String::as_str).collect();
+        let encoded = loaded.encoder.encode_pairs_counting(
+            &case.query,
+            &docs,
+            truncation(&case.truncation),
+            &mut TokenizeWork::default(),
+        );
+        if let Some(refused) = case.refused_doc {
+            match encoded {
+                Err(EncodePairsError::TooLong(t)) => {
+                    assert_eq!(t.doc_index, refused, "{what}");
+                    assert!(t.tokens > case.max_length, "{what}: {t}");
+                }
+                other => panic!("{what}: expected document {refused} refused, got {other:?}"),
+            }
+            continue;
+        }
+        let pairs = encoded.unwrap_or_else(|e| panic!("{what}: {e}"));
+        let ids: Vec<Vec<u32>> = pairs.iter().map(|p| p.ids.clone()).collect();
+        assert_eq!(ids, case.ids, "{what}: token ids");
+        for pair in &ids {
+            assert!(pair.starts_with(&golden.prefix_ids), "{what}: prefix");
+            assert!(pair.ends_with(&golden.suffix_ids), "{what}: suffix");
+            assert!(pair.len() <= case.max_length, "{what}: length");
+        }
+        let sequences: Vec<SequenceRef<'_>> =
+            ids.iter().map(|ids| SequenceRef::single(ids)).collect();
+        let alone: Vec<f32> = sequences
+            .iter()
+            .map(|s| loaded.reranker.score_sequences(&[*s]).expect("score")[0])
+            .collect();
+        assert_close(&alone, &case.scores, TOL, &what);
+        for (a, b) in alone.iter().zip(&case.scores) {
+            worst = worst.max((a - b).abs());
+        }
+        // `normalize: true` is the sidecar's sigmoid of the raw score: the card's P(yes).
+        let probabilities: Vec<f32> = alone
+            .iter()
+            .map(|&s| rerank_service::sidecar::routes::sigmoid(s))
+            .collect();
+        assert_close(
+            &probabilities,
+            &case.probabilities,
+            TOL,
+            &format!("{what}: P(yes)"),
+        );
+        let batched = loaded.reranker.score_sequences(&sequences).expect("batch");
+        assert_close(&batched, &alone, BATCH_TOL, &format!("{what}: batch"));
+        all_ids.extend(ids.iter().cloned());
+        all_scores.extend(alone);
+    }
+    eprintln!("qwen3: max |score - transformers| = {worst:e}");
+
+    // Every pair of every case packed into one causal batch, forwards and backwards, with a
+    // one-token sequence in between: a query that saw a key of another sequence would move.
+    let loaded = load_qwen3(&golden.model_dir, 512, None);
+    let one = [golden.yes_id];
+    let mut sequences: Vec<SequenceRef<'_>> =
+        all_ids.iter().map(|ids| SequenceRef::single(ids)).collect();
+    sequences.insert(sequences.len() / 2, SequenceRef::single(&one));
+    let mut batched = loaded.reranker.score_sequences(&sequences).expect("batch");
+    batched.remove(sequences.len() / 2);
+    assert_close(
+        &batched,
+        &all_scores,
+        BATCH_TOL,
+        "qwen3: every pair in one batch",
+    );
+    sequences.reverse();
+    let mut reversed = loaded.reranker.score_sequences(&sequences).expect("batch");
+    reversed.reverse();
+    reversed.remove(sequences.len() / 2);
+    assert_close(&reversed, &all_scores, BATCH_TOL, "qwen3: reversed batch");
+}
+
+#[test]
+fn qwen3_tokenizing_is_bounded_by_max_length_not_by_the_text() {
+    let golden = qwen3_golden();
+    let loaded = load_qwen3(&golden.model_dir, 128, None);
+    let sentence = "Rerankers reorder passages; 東京 and Москва too, naïve café. ";
+    let small = sentence.repeat(60); // ~4 KB
+    let huge = sentence.repeat(80_000); // ~5 MB
+    let encode = |query: &str, doc: &str, truncation, work: &mut TokenizeWork| {
+        loaded
+            .encoder
+            .encode_pairs_counting(query, &[doc], truncation, work)
+    };
+    let mut small_work = TokenizeWork::default();
+    let mut huge_work = TokenizeWork::default();
+    let a = encode("what reorders?", &small, Truncation::End, &mut small_work).expect("END");
+    let b = encode("what reorders?", &huge, Truncation::End, &mut huge_work).expect("END");
+    assert_eq!(
+        a[0].ids, b[0].ids,
+        "the first tokens do not depend on the rest"
+    );
+    assert_eq!(a[0].ids.len(), 128);
+    assert!(
+        a[0].ids.ends_with(&golden.suffix_ids),
+        "the suffix survives"
+    );
+    assert!(
+        huge_work.bytes <= 64 * 1024,
+        "a 5 MB document cost {} tokenized bytes",
+        huge_work.bytes
+    );
+    // A 5 MB query: the body is its first tokens, whatever the document.
+    let mut query_work = TokenizeWork::default();
+    let c = encode(&huge, "d", Truncation::End, &mut query_work).expect("END");
+    assert_eq!(c[0].ids.len(), 128);
+    assert!(query_work.bytes <= 64 * 1024, "{}", query_work.bytes);
+    for (query, doc) in [("q", huge.as_str()), (huge.as_str(), "d")] {
+        let mut work = TokenizeWork::default();
+        let refused = encode(query, doc, Truncation::None, &mut work);
+        assert!(
+            matches!(refused, Err(EncodePairsError::TooLong(_))),
+            "{refused:?}"
+        );
+        assert!(work.bytes <= 64 * 1024, "{}", work.bytes);
+    }
+    let chunk = encode(
+        "q",
+        "d",
+        Truncation::Chunk(Default::default()),
+        &mut TokenizeWork::default(),
+    );
+    assert!(
+        matches!(
+            chunk,
+            Err(EncodePairsError::Unsupported(UnsupportedPair::Chunk { .. }))
+        ),
+        "{chunk:?}"
+    );
+}
+
+#[test]
+fn qwen3_load_errors_are_typed() {
+    let golden = qwen3_golden();
+    let files = ModelFiles::from_dir(&model_dir(&golden.model_dir)).expect("model files");
+    // The Llama 3 tokenizer is no Qwen3 chat tokenizer.
+    let llama = repo_root().join("tests/fixtures/tokenizer/tokenizer.json");
+    let e = family::load(&files, Some(&llama), DType::F32, &Device::Cpu, 512).unwrap_err();
+    assert!(
+        matches!(&e, ModelError::Tokenizer { message, .. } if message.contains("<|im_start|>")),
+        "{e}"
+    );
+    // No room for a body after the prompt.
+    let e = family::load(&files, None, DType::F32, &Device::Cpu, 70).unwrap_err();
+    assert!(e.to_string().contains("leaves no room"), "{e}");
+    // An instruction for a family without one.
+    let bert = ModelFiles::from_dir(&model_dir("bert-tiny")).expect("bert files");
+    let options = LoadOptions {
+        instruction: Some("x".into()),
+    };
+    let e = family::load_with(&bert, None, DType::F32, &Device::Cpu, 64, &options).unwrap_err();
+    assert!(
+        matches!(e, ModelError::InstructionUnsupported { family: "bert" }),
+        "{e}"
+    );
+}
+
+#[test]
+fn rerank_score_serves_qwen3_with_its_instruction() {
+    let golden = qwen3_golden();
+    for case in golden.cases.iter().filter(|c| c.max_length == 512) {
+        let mut command = Command::new(rerank_bin());
+        command
+            .arg("score")
+            .arg("--model")
+            .arg(model_dir(&golden.model_dir))
+            .env_remove("RERANK_MAX_LENGTH")
+            .env_remove("RERANK_DTYPE")
+            .env_remove("RERANK_TOKENIZER")
+            .env_remove("RERANK_INSTRUCTION")
+            .env("HF_ENDPOINT", "http://127.0.0.1:9")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(instruction) = &case.instruction {
+            command.arg("--instruction").arg(instruction);
+        }
+        let mut child = command.spawn().expect("rerank starts");
+        let input = serde_json::json!({"query": case.query, "documents": case.documents});
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().expect("stdin");
+            stdin
+                .write_all(input.to_string().as_bytes())
+                .expect("write stdin");
+        }
+        let out = child.wait_with_output().expect("rerank finishes");
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            case.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let value: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        let scores: Vec<f32> = serde_json::from_value(value["scores"].clone()).expect("scores");
+        assert_close(&scores, &case.scores, TOL, &case.name);
+    }
+}
+
+/// Half precision on the CPU takes the path CUDA takes (q/k norms on the unfused rows, candle's
+/// `rope_thd`, the per-sequence causal attention): close to the f32 reference, and a pair scores
+/// the same alone or in a batch.
+#[test]
+fn qwen3_half_precision_takes_the_per_sequence_path() {
+    let golden = qwen3_golden();
+    let case = &golden.cases[0];
+    let files = ModelFiles::from_dir(&model_dir(&golden.model_dir)).expect("model files");
+    let loaded = family::load(&files, None, DType::F16, &Device::Cpu, case.max_length)
+        .expect("model loads in f16");
+    let sequences: Vec<SequenceRef<'_>> = case
+        .ids
+        .iter()
+        .map(|ids| SequenceRef::single(ids))
+        .collect();
+    let alone: Vec<f32> = sequences
+        .iter()
+        .map(|s| loaded.reranker.score_sequences(&[*s]).expect("score")[0])
+        .collect();
+    let worst = alone
+        .iter()
+        .zip(&case.scores)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    eprintln!("qwen3 f16: max |score - transformers f32| = {worst:e}");
+    assert_close(&alone, &case.scores, 0.1, "qwen3 f16");
+    let batched = loaded.reranker.score_sequences(&sequences).expect("batch");
+    let spread = batched
+        .iter()
+        .zip(&alone)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    eprintln!("qwen3 f16: max |batch - alone| = {spread:e}");
+    assert_close(&batched, &alone, 1e-2, "qwen3 f16: batch");
 }

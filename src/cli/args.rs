@@ -41,6 +41,10 @@ pub struct ModelArgs {
     /// tokenizer.json to use instead of the model's own (required with --random-weights).
     #[arg(long, env = "RERANK_TOKENIZER")]
     pub tokenizer: Option<PathBuf>,
+    /// Qwen3-Reranker only: the task instruction of its prompt (`<Instruct>: …`). Default: the
+    /// model card's web-search instruction (`model::family::qwen3_prompt::DEFAULT_INSTRUCTION`).
+    #[arg(long, env = "RERANK_INSTRUCTION")]
+    pub instruction: Option<String>,
 }
 
 fn default_device() -> &'static str {

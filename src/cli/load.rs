@@ -39,6 +39,10 @@ pub async fn start_engine(
             .tokenizer
             .clone()
             .context("--random-weights needs --tokenizer <tokenizer.json>")?;
+        anyhow::ensure!(
+            args.instruction.is_none(),
+            "--instruction applies to qwen3 models, not to the --random-weights llama_bidirec model"
+        );
         let config = ModelConfig::nemotron_rerank_1b_v2();
         let encoder = model::random_model(&config, dtype, &device, max_length)?;
         let tokenizer = PairTokenizer::from_file(&tokenizer_path, max_length)?;
@@ -55,13 +59,17 @@ pub async fn start_engine(
     } else {
         let files = ModelFiles::resolve(&args.model, &args.revision).await?;
         let tokenizer_path = args.tokenizer.clone();
+        let options = family::LoadOptions {
+            instruction: args.instruction.clone(),
+        };
         let loaded = tokio::task::spawn_blocking(move || {
-            family::load(
+            family::load_with(
                 &files,
                 tokenizer_path.as_deref(),
                 dtype,
                 &device,
                 max_length,
+                &options,
             )
         })
         .await??;

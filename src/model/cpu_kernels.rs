@@ -7,7 +7,8 @@
 //! the gate × up product. Here those steps run as two ops over the whole batch, in parallel on the
 //! rayon pool candle's own matmuls use:
 //! - [`PackedSelfAttention`]: RoPE on Q and K, then per (sequence, KV head) two gemms
-//!   (`Q·Kᵀ`, `P·V`) on the packed rows, in place, with a row softmax in between;
+//!   (`Q·Kᵀ`, `P·V`) on the packed rows, in place, with a row softmax in between (over the whole
+//!   row, or under [`AttentionMask::Causal`] over the keys up to the query, the rest set to 0);
 //! - [`SwiGlu`]: `silu(gate) * up` over the fused gate/up projection.
 //!
 //! Exactness: the same formulas in f32 as the reference (rotate-half RoPE, softmax in f32,
@@ -18,6 +19,8 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use rayon::prelude::*;
 
+use super::attention::AttentionMask;
+
 /// Rotary tables as plain rows, `(positions, head_dim / 2)` each, in f32.
 #[derive(Debug, Clone)]
 pub struct RotaryRows {
@@ -26,7 +29,8 @@ pub struct RotaryRows {
     pub half: usize,
 }
 
-/// Bidirectional self-attention with RoPE over a packed batch, read from the fused QKV projection.
+/// Self-attention with RoPE over a packed batch, read from the fused QKV projection; each query
+/// sees its own sequence's keys as `mask` says.
 ///
 /// Input: `(tokens, (heads + 2·kv_heads)·head_dim)`, each row `[q heads | k heads | v heads]`.
 /// Output: `(tokens, heads·head_dim)`. Token `i` of a sequence has position `i`.
@@ -38,6 +42,7 @@ pub struct PackedSelfAttention<'a> {
     pub head_dim: usize,
     pub scale: f32,
     pub rotary: &'a RotaryRows,
+    pub mask: AttentionMask,
 }
 
 impl CustomOp1 for PackedSelfAttention<'_> {
@@ -159,8 +164,16 @@ impl PackedSelfAttention<'_> {
                 gemm::Parallelism::None,
             );
         }
-        for scores_row in scores.chunks_exact_mut(len) {
-            softmax_in_place(scores_row);
+        for (row, scores_row) in scores.chunks_exact_mut(len).enumerate() {
+            match self.mask {
+                AttentionMask::Bidirectional => softmax_in_place(scores_row),
+                AttentionMask::Causal => {
+                    // Query i (row r·len + i) sees keys 0..=i; the others weigh exactly 0.
+                    let (visible, future) = scores_row.split_at_mut(row % len + 1);
+                    softmax_in_place(visible);
+                    future.fill(0.0);
+                }
+            }
         }
 
         // out = P V: (rep·len, len) × (len, d); V read straight from the packed rows.
@@ -396,6 +409,17 @@ mod tests {
     /// `rope_thd`, matmul–softmax–matmul per sequence): lengths 1 to 37, GQA 3:1.
     #[test]
     fn fused_attention_matches_the_unfused_path() {
+        fused_against_unfused(AttentionMask::Bidirectional);
+    }
+
+    /// The same with causal masks (the Qwen3 family), on both sides.
+    #[test]
+    fn fused_causal_attention_matches_the_unfused_path() {
+        fused_against_unfused(AttentionMask::Causal);
+    }
+
+    /// Returns the fused output, after checking it against the unfused one.
+    fn fused_against_unfused(mask: AttentionMask) -> (Tensor, Tensor) {
         let device = Device::Cpu;
         let (heads, kv_heads, d) = (6, 2, 8);
         let lengths = [1usize, 37, 5, 2, 16];
@@ -414,6 +438,7 @@ mod tests {
                 head_dim: d,
                 scale: 0.35,
                 rotary: &tables.rows,
+                mask,
             })
             .unwrap();
 
@@ -431,13 +456,57 @@ mod tests {
         let v = part(heads + kv_heads, kv_heads)
             .reshape((n, kv_heads, d))
             .unwrap();
-        let unfused = per_sequence_attention(&q, &k, &v, &batch, 0.35)
+        let unfused = per_sequence_attention(&q, &k, &v, &batch, 0.35, mask)
             .unwrap()
             .reshape((n, heads * d))
             .unwrap();
         assert_eq!(fused.dims(), &[n, heads * d]);
         let worst = max_abs_diff(&fused, &unfused);
-        assert!(worst < 1e-5, "fused vs unfused: {worst}");
+        assert!(worst < 1e-5, "fused vs unfused ({mask:?}): {worst}");
+        (qkv, fused)
+    }
+
+    /// Causal: a query's output depends only on the keys up to it. Changing the last token of the
+    /// 37-token sequence (rows 1..38) changes that row only; bidirectional, it changes them all.
+    #[test]
+    fn causal_attention_does_not_look_ahead() {
+        for mask in [AttentionMask::Causal, AttentionMask::Bidirectional] {
+            let (qkv, fused) = fused_against_unfused(mask);
+            let tables =
+                RotaryTables::new(&[1.0, 0.3, 0.05, 0.001], 64, DType::F32, &Device::Cpu).unwrap();
+            let (n, width) = qkv.dims2().unwrap();
+            let mut rows = qkv.to_vec2::<f32>().unwrap();
+            for x in rows[37].iter_mut() {
+                *x += 1.0;
+            }
+            let changed = Tensor::new(rows, &Device::Cpu).unwrap();
+            assert_eq!(changed.dims(), &[n, width]);
+            let segments = [(0, 1), (1, 37), (38, 5), (43, 2), (45, 16)];
+            let out = changed
+                .apply_op1_no_bwd(&PackedSelfAttention {
+                    segments: &segments,
+                    heads: 6,
+                    kv_heads: 2,
+                    head_dim: 8,
+                    scale: 0.35,
+                    rotary: &tables.rows,
+                    mask,
+                })
+                .unwrap();
+            let before = max_abs_diff(
+                &out.narrow(0, 1, 36).unwrap(),
+                &fused.narrow(0, 1, 36).unwrap(),
+            );
+            let others = max_abs_diff(
+                &out.narrow(0, 38, n - 38).unwrap(),
+                &fused.narrow(0, 38, n - 38).unwrap(),
+            );
+            assert_eq!(others, 0.0, "{mask:?}: another sequence changed");
+            match mask {
+                AttentionMask::Causal => assert_eq!(before, 0.0, "a query saw a later key"),
+                AttentionMask::Bidirectional => assert!(before > 1e-4, "{before}"),
+            }
+        }
     }
 
     #[test]
@@ -476,6 +545,7 @@ mod tests {
             head_dim: 4,
             scale: 1.0,
             rotary: &tables.rows,
+            mask: AttentionMask::Bidirectional,
         };
         assert!(qkv.apply_op1_no_bwd(&op(&[(0, 3)])).is_ok());
         // Segments that do not cover the batch, or a sequence longer than the tables.

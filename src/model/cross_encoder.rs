@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 
 use super::config::ModelConfig;
-use super::layers::{segment_mean, BatchRotary, DecoderLayer, RmsNorm};
+use super::layers::{segment_mean, BatchRotary, DecoderLayer, DecoderShape, RmsNorm};
 use super::packed::PackedBatch;
 use super::rope::{inverse_frequencies, RotaryTables};
 
@@ -45,8 +45,9 @@ impl CrossEncoder {
         let inner = vb.pp("model");
         let embed_tokens =
             candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, inner.pp("embed_tokens"))?;
+        let shape = DecoderShape::llama_bidirec(cfg);
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::load(inner.pp("layers").pp(i), cfg))
+            .map(|i| DecoderLayer::load(inner.pp("layers").pp(i), &shape))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let norm = RmsNorm::load(inner.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
         let score = vb
@@ -118,14 +119,7 @@ impl CrossEncoder {
     /// The packed forward pass: f32 logits (sequences,).
     fn forward(&self, batch: &PackedBatch) -> candle_core::Result<Tensor> {
         let mut xs = self.embed_tokens.forward(&batch.input_ids)?;
-        // The fused CPU attention reads the tables by position; elsewhere each token's rows are
-        // gathered once per batch and shared by every layer.
-        let rotary = if self.device.is_cpu() && xs.dtype() == DType::F32 {
-            BatchRotary::CpuRows(&self.rotary.rows)
-        } else {
-            let (cos, sin) = self.rotary.at(&batch.positions)?;
-            BatchRotary::PerToken { cos, sin }
-        };
+        let rotary = BatchRotary::for_batch(&self.rotary, &xs, batch)?;
         for layer in &self.layers {
             xs = layer.forward(&xs, &rotary, batch)?;
         }

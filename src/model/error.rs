@@ -32,6 +32,8 @@ pub enum ModelError {
         architectures: String,
         supported: &'static str,
     },
+    #[error("an instruction applies only to instruction-following models (qwen3), not to a {family} model")]
+    InstructionUnsupported { family: &'static str },
     #[error("cannot load weights from {files}")]
     Weights {
         files: String,

@@ -1,4 +1,5 @@
-//! The Llama decoder stack with **bidirectional** attention, over a packed batch.
+//! The Llama-style decoder stack over a packed batch: **bidirectional** attention for
+//! `llama_bidirec`, causal with per-head q/k RMSNorm for Qwen3 ([`DecoderShape`] says which).
 //!
 //! Every tensor is `(total_tokens, …)`: the sequences of a batch concatenated without padding, so
 //! every linear layer, RMSNorm and SwiGLU is one 2-D operation over real tokens only. Only
@@ -6,16 +7,49 @@
 //!
 //! Reference: transformers 4.47.1 `models/llama/modeling_llama.py` (`LlamaAttention` eager path,
 //! `LlamaMLP`, `LlamaRMSNorm`, `LlamaDecoderLayer`) as used by NVIDIA's `llama_bidirectional_model.py`,
-//! which sets `is_causal = False` and replaces the causal mask by a padding-only key mask.
+//! which sets `is_causal = False` and replaces the causal mask by a padding-only key mask; and
+//! transformers 4.51.3 `models/qwen3/modeling_qwen3.py` (`Qwen3Attention`: `q_norm`/`k_norm` over
+//! each head's `head_dim` values, before RoPE; otherwise Llama's layer, causal).
 //! Field names equal the Hugging Face tensor names so `vb.pp(..)` prefixes mirror the checkpoint.
 
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use super::attention::per_sequence_attention;
+use super::attention::{per_sequence_attention, AttentionMask};
 use super::config::ModelConfig;
 use super::cpu_kernels::{PackedSelfAttention, RotaryRows, SwiGlu};
 use super::packed::PackedBatch;
+use super::rope::RotaryTables;
+
+/// The sizes and the two variations of one decoder stack: what a layer needs from its config.
+#[derive(Debug, Clone, Copy)]
+pub struct DecoderShape {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    /// Qwen3: `q_norm` and `k_norm` (RMSNorm over each head's values) before RoPE.
+    pub qk_norm: bool,
+    pub mask: AttentionMask,
+}
+
+impl DecoderShape {
+    /// `llama_bidirec`: bidirectional, no q/k norm.
+    pub fn llama_bidirec(cfg: &ModelConfig) -> Self {
+        Self {
+            hidden_size: cfg.hidden_size,
+            intermediate_size: cfg.intermediate_size,
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_key_value_heads(),
+            head_dim: cfg.head_dim(),
+            rms_norm_eps: cfg.rms_norm_eps,
+            qk_norm: false,
+            mask: AttentionMask::Bidirectional,
+        }
+    }
+}
 
 /// `LlamaRMSNorm`: normalise in f32, scale by the learned weight.
 #[derive(Debug, Clone)]
@@ -84,8 +118,8 @@ fn linear(vb: VarBuilder, in_dim: usize, out_dim: usize) -> candle_core::Result<
     })
 }
 
-/// Multi-head attention with grouped KV heads over a packed batch; every query attends to every
-/// token of its own sequence (bidirectional) and to nothing else.
+/// Multi-head attention with grouped KV heads over a packed batch; every query attends to the
+/// tokens of its own sequence that its [`AttentionMask`] allows, and to nothing else.
 ///
 /// Q, K and V come from one fused projection (the three checkpoint matrices side by side): one gemm
 /// over the batch instead of three.
@@ -93,6 +127,9 @@ fn linear(vb: VarBuilder, in_dim: usize, out_dim: usize) -> candle_core::Result<
 pub struct Attention {
     qkv_proj: Linear,
     o_proj: Linear,
+    /// Qwen3's `q_norm` and `k_norm`, over `head_dim`.
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
+    mask: AttentionMask,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -100,13 +137,21 @@ pub struct Attention {
 }
 
 impl Attention {
-    pub fn load(vb: VarBuilder, cfg: &ModelConfig) -> candle_core::Result<Self> {
+    pub fn load(vb: VarBuilder, shape: &DecoderShape) -> candle_core::Result<Self> {
         let (hidden, heads, kv_heads, head_dim) = (
-            cfg.hidden_size,
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads(),
-            cfg.head_dim(),
+            shape.hidden_size,
+            shape.heads,
+            shape.kv_heads,
+            shape.head_dim,
         );
+        let qk_norm = if shape.qk_norm {
+            Some((
+                RmsNorm::load(vb.pp("q_norm"), head_dim, shape.rms_norm_eps)?,
+                RmsNorm::load(vb.pp("k_norm"), head_dim, shape.rms_norm_eps)?,
+            ))
+        } else {
+            None
+        };
         Ok(Self {
             qkv_proj: fused_linear(
                 &vb,
@@ -118,6 +163,8 @@ impl Attention {
                 hidden,
             )?,
             o_proj: linear(vb.pp("o_proj"), heads * head_dim, hidden)?,
+            qk_norm,
+            mask: shape.mask,
             num_heads: heads,
             num_kv_heads: kv_heads,
             head_dim,
@@ -136,6 +183,24 @@ impl Attention {
         let n = xs.dim(0)?;
         let (heads, kv_heads, head_dim) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let qkv = self.qkv_proj.forward(xs)?;
+        let qkv = match &self.qk_norm {
+            Some((q_norm, k_norm)) => {
+                // Each head's q and k rows normalised over head_dim, then back into the fused rows
+                // that both attention paths read.
+                let part = |from: usize, count: usize, norm: &RmsNorm| {
+                    let x = qkv
+                        .narrow(1, from * head_dim, count * head_dim)?
+                        .contiguous()?;
+                    norm.forward(&x.reshape((n, count, head_dim))?)?
+                        .reshape((n, count * head_dim))
+                };
+                let q = part(0, heads, q_norm)?;
+                let k = part(heads, kv_heads, k_norm)?;
+                let v = qkv.narrow(1, (heads + kv_heads) * head_dim, kv_heads * head_dim)?;
+                Tensor::cat(&[q, k, v], 1)?
+            }
+            None => qkv,
+        };
         let scale = 1.0 / (head_dim as f64).sqrt();
         let out = match rotary {
             // CPU f32: RoPE and attention in one fused pass over the QKV rows.
@@ -146,6 +211,7 @@ impl Attention {
                 head_dim,
                 scale: scale as f32,
                 rotary: rows,
+                mask: self.mask,
             })?,
             BatchRotary::PerToken { cos, sin } => {
                 let q = qkv.narrow(1, 0, heads * head_dim)?.contiguous()?;
@@ -163,7 +229,8 @@ impl Attention {
                     candle_nn::rotary_emb::rope_thd(&q, cos, sin)?.reshape((n, heads, head_dim))?;
                 let k = candle_nn::rotary_emb::rope_thd(&k, cos, sin)?
                     .reshape((n, kv_heads, head_dim))?;
-                per_sequence_attention(&q, &k, &v, batch, scale)?.reshape((n, heads * head_dim))?
+                per_sequence_attention(&q, &k, &v, batch, scale, self.mask)?
+                    .reshape((n, heads * head_dim))?
             }
         };
         self.o_proj.forward(&out)
@@ -180,8 +247,8 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn load(vb: VarBuilder, cfg: &ModelConfig) -> candle_core::Result<Self> {
-        let (hidden, inter) = (cfg.hidden_size, cfg.intermediate_size);
+    pub fn load(vb: VarBuilder, shape: &DecoderShape) -> candle_core::Result<Self> {
+        let (hidden, inter) = (shape.hidden_size, shape.intermediate_size);
         Ok(Self {
             gate_up_proj: fused_linear(&vb, &[("gate_proj", inter), ("up_proj", inter)], hidden)?,
             down_proj: linear(vb.pp("down_proj"), inter, hidden)?,
@@ -213,6 +280,23 @@ pub enum BatchRotary<'a> {
     PerToken { cos: Tensor, sin: Tensor },
 }
 
+impl<'a> BatchRotary<'a> {
+    /// The fused CPU attention reads the tables by position; elsewhere each token's rows are
+    /// gathered once per batch and shared by every layer.
+    pub fn for_batch(
+        tables: &'a RotaryTables,
+        xs: &Tensor,
+        batch: &PackedBatch,
+    ) -> candle_core::Result<Self> {
+        Ok(if xs.device().is_cpu() && xs.dtype() == DType::F32 {
+            BatchRotary::CpuRows(&tables.rows)
+        } else {
+            let (cos, sin) = tables.at(&batch.positions)?;
+            BatchRotary::PerToken { cos, sin }
+        })
+    }
+}
+
 /// Pre-norm residual block: attention then MLP.
 #[derive(Debug, Clone)]
 pub struct DecoderLayer {
@@ -223,19 +307,19 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    pub fn load(vb: VarBuilder, cfg: &ModelConfig) -> candle_core::Result<Self> {
+    pub fn load(vb: VarBuilder, shape: &DecoderShape) -> candle_core::Result<Self> {
         Ok(Self {
-            self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
-            mlp: Mlp::load(vb.pp("mlp"), cfg)?,
+            self_attn: Attention::load(vb.pp("self_attn"), shape)?,
+            mlp: Mlp::load(vb.pp("mlp"), shape)?,
             input_layernorm: RmsNorm::load(
                 vb.pp("input_layernorm"),
-                cfg.hidden_size,
-                cfg.rms_norm_eps,
+                shape.hidden_size,
+                shape.rms_norm_eps,
             )?,
             post_attention_layernorm: RmsNorm::load(
                 vb.pp("post_attention_layernorm"),
-                cfg.hidden_size,
-                cfg.rms_norm_eps,
+                shape.hidden_size,
+                shape.rms_norm_eps,
             )?,
         })
     }

@@ -16,7 +16,8 @@
 //! [`SafeCuts`]) that already yields more tokens than the pair can hold, with identical tokens, and
 //! a text with more bytes than `max_length` tokens can possibly cover (the longest token of the
 //! vocabulary bounds the bytes per token) is refused under `Truncation::None` without tokenizing it
-//! at all. [`TokenizeWork`] counts the work, so tests and metrics can see it.
+//! at all. [`TokenizeWork`] counts the work, so tests and metrics can see it. `BoundedTokenizer`
+//! holds this machinery; the Qwen3-Reranker prompt (`family/qwen3_prompt.rs`) uses it too.
 
 use std::path::Path;
 
@@ -121,12 +122,8 @@ impl EncodedQuery {
 /// The model's tokenizer plus the prompt template and the length policy.
 #[derive(Clone)]
 pub struct PairTokenizer {
-    tokenizer: Tokenizer,
+    bounded: BoundedTokenizer,
     max_length: usize,
-    /// Most UTF-8 bytes one token can stand for (the longest byte-level token of the vocabulary):
-    /// a text of `n` bytes has at least `n / max_token_bytes` tokens.
-    max_token_bytes: usize,
-    cuts: SafeCuts,
     /// ` passage:` alone, repeated at the start of every window of a chunked document.
     passage_ids: Vec<u32>,
 }
@@ -135,48 +132,104 @@ impl std::fmt::Debug for PairTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PairTokenizer")
             .field("max_length", &self.max_length)
-            .field("max_token_bytes", &self.max_token_bytes)
+            .field("max_token_bytes", &self.bounded.max_token_bytes)
             .finish_non_exhaustive()
     }
 }
 
-impl PairTokenizer {
-    pub fn from_file(path: &Path, max_length: usize) -> Result<Self, ModelError> {
+/// A byte-level BPE tokenizer that tokenizes a template half only as far as a token limit needs
+/// (see the module doc): the length-bounded core shared by the prompt-template families.
+#[derive(Clone)]
+pub(crate) struct BoundedTokenizer {
+    tokenizer: Tokenizer,
+    /// Most UTF-8 bytes one token can stand for (the longest byte-level token of the vocabulary,
+    /// times 3 under an NFC normalizer, which composes at most 3 code points, a Hangul L V T run of
+    /// 9 bytes, into one of 3): a text of `n` bytes has at least `n / max_token_bytes` tokens.
+    pub(crate) max_token_bytes: usize,
+    cuts: SafeCuts,
+}
+
+impl BoundedTokenizer {
+    /// Loads tokenizer.json, with padding and truncation off (ours to decide, whatever the file
+    /// says). Errors name the file.
+    pub(crate) fn from_file(path: &Path) -> Result<Self, ModelError> {
         let invalid = |message: String| ModelError::Tokenizer {
             path: path.to_path_buf(),
             message,
         };
         let mut tokenizer = Tokenizer::from_file(path).map_err(|e| invalid(e.to_string()))?;
-        // Padding and truncation are ours to decide, whatever tokenizer.json says.
         tokenizer.with_padding(None);
         tokenizer
             .with_truncation(None)
             .map_err(|e| invalid(e.to_string()))?;
-        Self::new(tokenizer, max_length).map_err(|e| match e {
+        Self::new(tokenizer).map_err(|e| match e {
             ModelError::Tokenize(message) => invalid(message),
             other => other,
         })
     }
 
+    pub(crate) fn new(tokenizer: Tokenizer) -> Result<Self, ModelError> {
+        // Only no normalizer (Llama 3) or NFC (Qwen2/3) keep the byte bound and the safe cuts
+        // (module doc) true.
+        let composes = match tokenizer.get_normalizer() {
+            None => false,
+            Some(tokenizers::NormalizerWrapper::NFC(_)) => true,
+            Some(_) => {
+                return Err(ModelError::Tokenize(
+                    "unsupported normalizer (expected none or NFC)".into(),
+                ))
+            }
+        };
+        let max_token_bytes = max_token_bytes(&tokenizer)? * if composes { 3 } else { 1 };
+        let cuts = SafeCuts::new(&tokenizer, composes);
+        Ok(Self {
+            tokenizer,
+            max_token_bytes,
+            cuts,
+        })
+    }
+
+    pub(crate) fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// All tokens of `text`, without special tokens (a fixed template piece).
+    pub(crate) fn ids(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        Ok(self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| ModelError::Tokenize(e.to_string()))?
+            .get_ids()
+            .to_vec())
+    }
+}
+
+impl PairTokenizer {
+    pub fn from_file(path: &Path, max_length: usize) -> Result<Self, ModelError> {
+        Self::with_bounded(BoundedTokenizer::from_file(path)?, max_length).map_err(|e| match e {
+            ModelError::Tokenize(message) => ModelError::Tokenizer {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })
+    }
+
     pub fn new(tokenizer: Tokenizer, max_length: usize) -> Result<Self, ModelError> {
+        Self::with_bounded(BoundedTokenizer::new(tokenizer)?, max_length)
+    }
+
+    fn with_bounded(bounded: BoundedTokenizer, max_length: usize) -> Result<Self, ModelError> {
         if max_length == 0 || max_length > MAX_SUPPORTED_LENGTH {
             return Err(ModelError::MaxLength {
                 value: max_length,
                 max: MAX_SUPPORTED_LENGTH,
             });
         }
-        let max_token_bytes = max_token_bytes(&tokenizer)?;
-        let cuts = SafeCuts::new(&tokenizer);
-        let passage_ids = tokenizer
-            .encode(Half::PASSAGE_HEAD, false)
-            .map_err(|e| ModelError::Tokenize(e.to_string()))?
-            .get_ids()
-            .to_vec();
+        let passage_ids = bounded.ids(Half::PASSAGE_HEAD)?;
         Ok(Self {
-            tokenizer,
+            bounded,
             max_length,
-            max_token_bytes,
-            cuts,
             passage_ids,
         })
     }
@@ -198,16 +251,18 @@ impl PairTokenizer {
             tail: " \n \n",
             special_tokens: true,
         };
-        Ok(match self.encode_bounded(&half, self.max_length, work)? {
-            Bounded::Whole(encoding) => EncodedQuery {
-                ids: encoding.get_ids().to_vec(),
-                complete: encoding.len() <= self.max_length,
+        Ok(
+            match self.bounded.encode_bounded(&half, self.max_length, work)? {
+                Bounded::Whole(encoding) => EncodedQuery {
+                    ids: encoding.get_ids().to_vec(),
+                    complete: encoding.len() <= self.max_length,
+                },
+                Bounded::Prefix(encoding) => EncodedQuery {
+                    ids: encoding.get_ids().to_vec(),
+                    complete: false,
+                },
             },
-            Bounded::Prefix(encoding) => EncodedQuery {
-                ids: encoding.get_ids().to_vec(),
-                complete: false,
-            },
-        })
+        )
     }
 
     /// Joins the query with each document under the length policy; one sequence per document, in
@@ -266,12 +321,12 @@ impl PairTokenizer {
             let half = Half::passage(document);
             if refuse {
                 // Too many bytes for `budget` tokens to cover: refuse without tokenizing.
-                let at_least = half.bytes() / self.max_token_bytes;
+                let at_least = half.bytes() / self.bounded.max_token_bytes;
                 if at_least > budget {
                     return Err(too_long(doc_index, query.len() + at_least, false).into());
                 }
             }
-            let (doc, exact) = match self.encode_bounded(&half, budget, work)? {
+            let (doc, exact) = match self.bounded.encode_bounded(&half, budget, work)? {
                 Bounded::Whole(doc) => (doc, true),
                 Bounded::Prefix(doc) => (doc, false),
             };
@@ -326,19 +381,23 @@ impl PairTokenizer {
             let half = Half::passage(document);
             // Enough tokens for `max_chunks` windows after the template's own tokens.
             let needed = self.passage_ids.len() + max_chunks * window;
-            let (encoding, whole) = match self.encode_bounded(&half, needed.max(budget), work)? {
-                Bounded::Whole(doc) if doc.len() <= budget => {
-                    pairs.push(EncodedPair {
-                        second_segment: query.len() + doc.len(),
-                        ids: [&query.ids[..], doc.get_ids()].concat(),
-                        doc_index,
-                        span: 0..document.len(),
-                    });
-                    continue;
-                }
-                Bounded::Whole(doc) => (doc, true),
-                Bounded::Prefix(doc) => (doc, false),
-            };
+            let (encoding, whole) =
+                match self
+                    .bounded
+                    .encode_bounded(&half, needed.max(budget), work)?
+                {
+                    Bounded::Whole(doc) if doc.len() <= budget => {
+                        pairs.push(EncodedPair {
+                            second_segment: query.len() + doc.len(),
+                            ids: [&query.ids[..], doc.get_ids()].concat(),
+                            doc_index,
+                            span: 0..document.len(),
+                        });
+                        continue;
+                    }
+                    Bounded::Whole(doc) => (doc, true),
+                    Bounded::Prefix(doc) => (doc, false),
+                };
             let windows = DocumentWindows::new(&half, &encoding, whole);
             let ids = encoding.get_ids();
             for tokens in windows.split(window, overlap, max_chunks) {
@@ -359,10 +418,12 @@ impl PairTokenizer {
         }
         Ok(pairs)
     }
+}
 
+impl BoundedTokenizer {
     /// Tokenizes `half` whole, or only a prefix of it once that prefix is known to hold more than
     /// `limit` tokens (identical to the first tokens of the whole text; see [`SafeCuts`]).
-    fn encode_bounded(
+    pub(crate) fn encode_bounded(
         &self,
         half: &Half<'_>,
         limit: usize,
@@ -422,11 +483,11 @@ pub struct TokenizeWork {
 }
 
 /// One half of the template: `head + body + tail`, where only `body` comes from the caller.
-struct Half<'a> {
-    head: &'static str,
-    body: &'a str,
-    tail: &'static str,
-    special_tokens: bool,
+pub(crate) struct Half<'a> {
+    pub(crate) head: &'a str,
+    pub(crate) body: &'a str,
+    pub(crate) tail: &'a str,
+    pub(crate) special_tokens: bool,
 }
 
 impl<'a> Half<'a> {
@@ -444,7 +505,7 @@ impl<'a> Half<'a> {
 
     /// Byte range of `body` covered by `tokens` of `encoding` (an encoding of this half or of
     /// a prefix of it), on char boundaries.
-    fn body_span(&self, encoding: &Encoding, tokens: Range<usize>) -> Range<usize> {
+    pub(crate) fn body_span(&self, encoding: &Encoding, tokens: Range<usize>) -> Range<usize> {
         let offsets = encoding.get_offsets();
         let (Some(first), Some(last)) = (
             offsets.get(tokens.start),
@@ -458,7 +519,7 @@ impl<'a> Half<'a> {
         start..end.max(start)
     }
 
-    fn bytes(&self) -> usize {
+    pub(crate) fn bytes(&self) -> usize {
         self.head.len() + self.body.len() + self.tail.len()
     }
     fn whole(&self) -> String {
@@ -568,8 +629,8 @@ impl<'a> DocumentWindows<'a> {
     }
 }
 
-/// What [`PairTokenizer::encode_bounded`] computed.
-enum Bounded {
+/// What [`BoundedTokenizer::encode_bounded`] computed.
+pub(crate) enum Bounded {
     /// Every token of the text.
     Whole(Encoding),
     /// The first tokens of the text, more than the limit asked for.
@@ -594,6 +655,11 @@ const PREFIX_BYTES_PER_TOKEN: usize = 8;
 /// of the tokens of `text`. `tests/model_golden.rs` checks this against whole-text tokenization on
 /// mixed scripts, numbers, contractions and emoji.
 ///
+/// The Qwen2/Qwen3 pattern differs only in `\p{N}` (one digit per pre-token), which holds no letter,
+/// so the argument is the same. Under an NFC normalizer (Qwen) a letter followed by a combining mark
+/// (`\p{M}`) may compose with it, so there the character after the letter must be no mark either
+/// (the few compositions with a following starter are Hangul jamo, letters, and spacing marks).
+///
 /// Added tokens (`<|eot_id|>` and the like) are matched in the raw text before the regex runs, so a
 /// cut must not fall inside one of them either.
 #[derive(Clone)]
@@ -604,10 +670,15 @@ struct SafeCuts {
 }
 
 impl SafeCuts {
-    fn new(tokenizer: &Tokenizer) -> Self {
+    fn new(tokenizer: &Tokenizer, composes: bool) -> Self {
+        let pattern = if composes {
+            r"\p{L}[^\p{L}\p{M}]"
+        } else {
+            r"\p{L}[^\p{L}]"
+        };
         // A constant pattern: it compiles, or every tokenizer test fails at once.
         #[allow(clippy::expect_used)]
-        let letter_then_other = regex::Regex::new(r"\p{L}[^\p{L}]").expect("constant regex");
+        let letter_then_other = regex::Regex::new(pattern).expect("constant regex");
         let added_tokens = tokenizer
             .get_added_tokens_decoder()
             .into_values()

@@ -15,10 +15,13 @@
 //! | [`Family::Bert`] | `bert` / `BertForSequenceClassification` | candle-transformers `BertModel`, our pooler and classifier ([`bert`]) | `[CLS] q [SEP] d [SEP]`, token types 0/1 ([`segment_pairs`]) |
 //! | [`Family::XlmRoberta`] | `xlm-roberta` / `XLMRobertaForSequenceClassification` | candle-transformers ([`xlm_roberta`]) | `<s> q </s></s> d </s>` ([`segment_pairs`]) |
 //! | [`Family::ModernBert`] | `modernbert` / `ModernBertForSequenceClassification` | candle-transformers `ModernBert` encoder, our pooling, head and classifier ([`modernbert`]) | `[CLS] q [SEP] d [SEP]`, no token types ([`segment_pairs`]) |
+//! | [`Family::Qwen3`] | `qwen3` / `Qwen3ForCausalLM` (Qwen3-Reranker) | our packed forward, causal, logit("yes") − logit("no") at the last token ([`qwen3`]) | the model card's chat prompt with an instruction ([`qwen3_prompt`]) |
 
 pub mod bert;
 mod llama_bidirec;
 pub mod modernbert;
+pub mod qwen3;
+pub mod qwen3_prompt;
 pub mod segment_pairs;
 pub mod xlm_roberta;
 
@@ -41,13 +44,16 @@ pub enum Family {
     XlmRoberta,
     /// `ModernBertForSequenceClassification` (Alibaba-NLP/gte-reranker-modernbert-base).
     ModernBert,
+    /// `Qwen3ForCausalLM` (Qwen/Qwen3-Reranker-0.6B/4B/8B): yes/no logits at the last token.
+    Qwen3,
 }
 
 /// What [`ModelError::UnsupportedFamily`] lists.
 pub const SUPPORTED_FAMILIES: &str =
     "llama_bidirec (LlamaBidirectionalForSequenceClassification), \
     bert (BertForSequenceClassification), xlm-roberta (XLMRobertaForSequenceClassification), \
-    modernbert (ModernBertForSequenceClassification)";
+    modernbert (ModernBertForSequenceClassification), \
+    qwen3 (Qwen3ForCausalLM: Qwen3-Reranker)";
 
 impl Family {
     /// The family's name in logs and metadata (its `model_type`).
@@ -57,6 +63,7 @@ impl Family {
             Family::Bert => "bert",
             Family::XlmRoberta => "xlm-roberta",
             Family::ModernBert => "modernbert",
+            Family::Qwen3 => "qwen3",
         }
     }
 
@@ -93,6 +100,7 @@ impl Family {
             "bert" if has("BertForSequenceClassification") => Some(Family::Bert),
             "xlm-roberta" if has("XLMRobertaForSequenceClassification") => Some(Family::XlmRoberta),
             "modernbert" if has("ModernBertForSequenceClassification") => Some(Family::ModernBert),
+            "qwen3" if has("Qwen3ForCausalLM") => Some(Family::Qwen3),
             _ => None,
         };
         family.ok_or_else(|| ModelError::UnsupportedFamily {
@@ -196,6 +204,14 @@ impl std::fmt::Debug for LoadedModel {
     }
 }
 
+/// Per-worker settings of the families that take any.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// The task instruction of the instruction-following families (Qwen3-Reranker); `None`: the
+    /// family's default ([`qwen3_prompt::DEFAULT_INSTRUCTION`]). Refused by the other families.
+    pub instruction: Option<String>,
+}
+
 /// Loads the model in `files` (its family detected from config.json), computing in `dtype` on
 /// `device`, with sequences of at most `max_length` tokens; `tokenizer` overrides the model's own
 /// tokenizer.json.
@@ -206,7 +222,31 @@ pub fn load(
     device: &Device,
     max_length: usize,
 ) -> Result<LoadedModel, ModelError> {
+    load_with(
+        files,
+        tokenizer,
+        dtype,
+        device,
+        max_length,
+        &LoadOptions::default(),
+    )
+}
+
+/// [`load`] with per-worker [`LoadOptions`].
+pub fn load_with(
+    files: &super::ModelFiles,
+    tokenizer: Option<&Path>,
+    dtype: DType,
+    device: &Device,
+    max_length: usize,
+    options: &LoadOptions,
+) -> Result<LoadedModel, ModelError> {
     let family = Family::detect(&files.config)?;
+    if options.instruction.is_some() && family != Family::Qwen3 {
+        return Err(ModelError::InstructionUnsupported {
+            family: family.name(),
+        });
+    }
     let tokenizer = tokenizer.unwrap_or(&files.tokenizer);
     let (reranker, encoder): (Box<dyn Reranker>, Box<dyn PairEncoder>) = match family {
         Family::LlamaBidirec => {
@@ -228,6 +268,17 @@ pub fn load(
         Family::ModernBert => {
             let model = modernbert::ModernBertReranker::load(files, dtype, device, max_length)?;
             let encoder = SegmentPairTokenizer::from_file(tokenizer, max_length, family.name())?;
+            (Box::new(model), Box::new(encoder))
+        }
+        Family::Qwen3 => {
+            // The tokenizer first: it names the answer tokens the model scores.
+            let encoder = qwen3_prompt::Qwen3PromptTokenizer::from_file(
+                tokenizer,
+                max_length,
+                options.instruction.as_deref(),
+            )?;
+            let model =
+                qwen3::Qwen3Reranker::load(files, encoder.answers(), dtype, device, max_length)?;
             (Box::new(model), Box::new(encoder))
         }
     };
@@ -386,6 +437,10 @@ mod tests {
                 "architectures": ["ModernBertForSequenceClassification"]}))
             .unwrap(),
             Family::ModernBert
+        );
+        assert_eq!(
+            detect(json!({"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]})).unwrap(),
+            Family::Qwen3
         );
     }
 
