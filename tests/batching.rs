@@ -176,8 +176,8 @@ async fn start_engine(max_batch_tokens: usize) -> (Engine, EngineMetrics) {
         Duration::from_secs(60),
         "engine start",
         Engine::start(
-            load_model(),
-            tokenizer(),
+            Box::new(load_model()),
+            Box::new(tokenizer()),
             EngineConfig {
                 max_batch_tokens,
                 warmup_tokens: 0,

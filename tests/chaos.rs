@@ -19,7 +19,7 @@
 //! Every wait is bounded. The tests take a shared lock so they run one at a time (they measure
 //! memory and share a few CPU cores). Each prints one `chaos <name>:` line with its figures.
 //!
-//! Longer runs: `CHAOS_SECONDS=600 cargo test --test chaos sustained -- --nocapture` holds the
+//! Longer runs: `CHAOS_SECONDS=600 cargo test --test integration chaos::sustained -- --nocapture` holds the
 //! load for 10 minutes (default 10 s) and prints RSS and latency per half; against a deployed
 //! pool, `rerank bench --mode nats --concurrency 64 --requests N` is the load generator.
 

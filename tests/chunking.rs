@@ -39,8 +39,8 @@ fn tokenizer(max_length: usize) -> PairTokenizer {
 /// The engine on the tiny model at `MAX_LENGTH`, without warm-up.
 async fn start_engine(max_batch_tokens: usize) -> Engine {
     Engine::start(
-        model(),
-        tokenizer(MAX_LENGTH),
+        Box::new(model()),
+        Box::new(tokenizer(MAX_LENGTH)),
         EngineConfig {
             warmup_tokens: 0,
             max_batch_tokens,

@@ -213,8 +213,8 @@ async fn engine_on_golden_texts_matches_reference() {
             std::time::Duration::from_secs(60),
             "engine start",
             Engine::start(
-                load_model(case.max_length),
-                tokenizer(case.max_length),
+                Box::new(load_model(case.max_length)),
+                Box::new(tokenizer(case.max_length)),
                 EngineConfig {
                     warmup_tokens: 0,
                     ..EngineConfig::default()

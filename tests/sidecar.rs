@@ -851,7 +851,7 @@ async fn serve_runs_the_whole_stack_with_its_own_nats_server() {
 }
 
 /// Measures the sidecar's added latency over a direct NATS request and its throughput with 64
-/// concurrent HTTP clients. Run: `cargo test --test sidecar -- --ignored --nocapture measure`.
+/// concurrent HTTP clients. Run: `cargo test --test integration sidecar::measure -- --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "measurement; prints numbers"]
 async fn measure_sidecar_overhead_and_throughput() {

@@ -1,7 +1,7 @@
 //! The committed JSON Schemas match the Rust wire types, and the golden MessagePack examples
 //! validate against them and decode to the expected values.
 //!
-//! After an intended change to `src/wire`, regenerate with `UPDATE_SCHEMAS=1 cargo test --test wire_schema`.
+//! After an intended change to `src/wire`, regenerate with `UPDATE_SCHEMAS=1 cargo test --test integration wire_schema::`.
 
 use crate::common;
 
@@ -26,7 +26,7 @@ fn committed_schemas_match_the_rust_types() {
             .unwrap_or_else(|_| panic!("{} missing: UPDATE_SCHEMAS=1", path.display()));
         assert_eq!(
             committed, generated,
-            "{} drifted from src/wire; regenerate with UPDATE_SCHEMAS=1 cargo test --test wire_schema",
+            "{} drifted from src/wire; regenerate with UPDATE_SCHEMAS=1 cargo test --test integration wire_schema::",
             file.file_name
         );
         assert_eq!(

@@ -118,8 +118,8 @@ impl Engine {
     /// Starts the device thread, warms the model up and returns once the engine is `Ready`.
     /// Any model family: the engine sees only its [`Reranker`] and [`PairEncoder`].
     pub async fn start(
-        model: impl Reranker + 'static,
-        tokenizer: impl PairEncoder + 'static,
+        model: Box<dyn Reranker>,
+        tokenizer: Box<dyn PairEncoder>,
         config: EngineConfig,
         metrics: EngineMetrics,
     ) -> Result<Self, EngineError> {
@@ -128,7 +128,7 @@ impl Engine {
         let (batch_tx, batch_rx) = mpsc::channel::<Batch>(1);
         let (warm_tx, warm_rx) = tokio::sync::oneshot::channel();
         let executor = Executor {
-            model: Box::new(model),
+            model,
             fault_batch_delay: config.fault_batch_delay,
             metrics: metrics.clone(),
         };
@@ -154,7 +154,7 @@ impl Engine {
             }
         }
         let inner = Arc::new(Inner {
-            tokenizer: Arc::new(tokenizer),
+            tokenizer: Arc::from(tokenizer),
             queue: Mutex::new(PairQueue::new(config.max_queue_pairs)),
             config,
             work_available: Notify::new(),

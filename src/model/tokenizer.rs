@@ -429,34 +429,21 @@ impl BoundedTokenizer {
         limit: usize,
         work: &mut TokenizeWork,
     ) -> Result<Bounded, ModelError> {
-        let mut window = (limit + 1).saturating_mul(PREFIX_BYTES_PER_TOKEN);
-        if half.bytes() <= window {
-            return self
-                .encode_text(&half.whole(), half.special_tokens, work)
-                .map(Bounded::Whole);
-        }
         // Past this many bytes a text surely has more than `limit` tokens.
         let surely_longer = (limit + 1).saturating_mul(self.max_token_bytes);
-        while let Some(cut) = self.cuts.first_at_or_after(half.body, window) {
-            if cut > surely_longer {
-                break;
-            }
-            let ids = self.encode_text(&half.prefix(cut), half.special_tokens, work)?;
-            if ids.len() > limit {
-                return Ok(Bounded::Prefix(ids));
-            }
-            window = cut.saturating_mul(2);
-        }
-        if half.bytes() <= surely_longer {
-            return self
-                .encode_text(&half.whole(), half.special_tokens, work)
-                .map(Bounded::Whole);
-        }
-        // No word boundary in the first `surely_longer` bytes (one giant run of letters): BPE a
-        // prefix of that run. Only here may the last tokens differ from tokenizing the whole run.
-        let cut = floor_char_boundary(half.body, surely_longer);
-        self.encode_text(&half.prefix(cut), half.special_tokens, work)
-            .map(Bounded::Prefix)
+        tokenize_bounded(
+            half.bytes(),
+            limit,
+            surely_longer,
+            |min| self.cuts.first_at_or_after(half.body, min),
+            |end| match end {
+                None => self.encode_text(&half.whole(), half.special_tokens, work),
+                Some(cut) => {
+                    let cut = floor_char_boundary(half.body, cut);
+                    self.encode_text(&half.prefix(cut), half.special_tokens, work)
+                }
+            },
+        )
     }
 
     fn encode_text(
@@ -629,7 +616,7 @@ impl<'a> DocumentWindows<'a> {
     }
 }
 
-/// What [`BoundedTokenizer::encode_bounded`] computed.
+/// What [`tokenize_bounded`] computed.
 pub(crate) enum Bounded {
     /// Every token of the text.
     Whole(Encoding),
@@ -637,9 +624,68 @@ pub(crate) enum Bounded {
     Prefix(Encoding),
 }
 
+impl Bounded {
+    pub(crate) fn encoding(&self) -> &Encoding {
+        match self {
+            Bounded::Whole(e) | Bounded::Prefix(e) => e,
+        }
+    }
+    pub(crate) fn into_encoding(self) -> Encoding {
+        match self {
+            Bounded::Whole(e) | Bounded::Prefix(e) => e,
+        }
+    }
+    /// Tokens computed (for a prefix: more than the limit).
+    pub(crate) fn len(&self) -> usize {
+        self.encoding().len()
+    }
+    pub(crate) fn is_whole(&self) -> bool {
+        matches!(self, Bounded::Whole(_))
+    }
+}
+
 /// Bytes of text tokenized per token of the limit before trying a cut (English averages ~4 bytes
 /// per token; a prefix that yields too few tokens is doubled).
 const PREFIX_BYTES_PER_TOKEN: usize = 8;
+
+/// The bounded-prefix search every pair encoder uses (this module's prompt template, the BERT-style
+/// segments, the Qwen3 prompt), so a 5 MB text costs what `limit` allows, not its size.
+///
+/// A text of `bytes` bytes is tokenized whole (`encode(None)`) when it is short; otherwise a
+/// prefix ending at the first safe cut (`first_cut_at_or_after`, whose tokens are the first tokens
+/// of the whole text) past `PREFIX_BYTES_PER_TOKEN` bytes per token of the limit is tokenized
+/// (`encode(Some(cut))`), doubling until it holds more than `limit` tokens. Past `surely_longer`
+/// bytes the text surely holds more than `limit` tokens: with no cut before that, it is cut there
+/// anyway (`encode` floors the offset to a char boundary), the one case where the last tokens may
+/// differ from tokenizing the whole run.
+pub(crate) fn tokenize_bounded<E>(
+    bytes: usize,
+    limit: usize,
+    surely_longer: usize,
+    first_cut_at_or_after: impl Fn(usize) -> Option<usize>,
+    mut encode: impl FnMut(Option<usize>) -> Result<Encoding, E>,
+) -> Result<Bounded, E> {
+    let mut window = limit
+        .saturating_add(1)
+        .saturating_mul(PREFIX_BYTES_PER_TOKEN);
+    if bytes <= window {
+        return encode(None).map(Bounded::Whole);
+    }
+    while let Some(cut) = first_cut_at_or_after(window) {
+        if cut > surely_longer {
+            break;
+        }
+        let prefix = encode(Some(cut))?;
+        if prefix.len() > limit {
+            return Ok(Bounded::Prefix(prefix));
+        }
+        window = cut.saturating_mul(2);
+    }
+    if bytes <= surely_longer {
+        return encode(None).map(Bounded::Whole);
+    }
+    encode(Some(surely_longer)).map(Bounded::Prefix)
+}
 
 /// Byte offsets where a text can be cut without changing the tokens before the cut: a letter
 /// (`\p{L}`) followed by a non-letter.
@@ -717,7 +763,7 @@ impl SafeCuts {
 }
 
 /// The largest char boundary of `text` at or below `at`.
-fn floor_char_boundary(text: &str, at: usize) -> usize {
+pub(crate) fn floor_char_boundary(text: &str, at: usize) -> usize {
     let mut at = at.min(text.len());
     while !text.is_char_boundary(at) {
         at -= 1;
@@ -726,7 +772,7 @@ fn floor_char_boundary(text: &str, at: usize) -> usize {
 }
 
 /// The smallest char boundary of `text` at or above `at`.
-fn ceil_char_boundary(text: &str, at: usize) -> usize {
+pub(crate) fn ceil_char_boundary(text: &str, at: usize) -> usize {
     let mut at = at.min(text.len());
     while !text.is_char_boundary(at) {
         at += 1;

@@ -1,6 +1,6 @@
 //! The OpenAPI 3.1 document of the sidecar, served at `/openapi.json` and committed as
 //! `schemas/openapi.json` (a test fails when they drift; regenerate with
-//! `UPDATE_SCHEMAS=1 cargo test --test sidecar openapi`).
+//! `UPDATE_SCHEMAS=1 cargo test --test integration sidecar::probes_metrics_and_openapi`).
 //!
 //! Body schemas are generated from the Rust types (JSON Schema 2020-12, OpenAPI 3.1's dialect);
 //! paths, statuses and prose are written here.

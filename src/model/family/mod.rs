@@ -144,21 +144,6 @@ pub trait Reranker: Send {
     fn family(&self) -> Family;
 }
 
-impl Reranker for Box<dyn Reranker> {
-    fn score_sequences(&self, sequences: &[SequenceRef<'_>]) -> candle_core::Result<Vec<f32>> {
-        self.as_ref().score_sequences(sequences)
-    }
-    fn max_positions(&self) -> usize {
-        self.as_ref().max_positions()
-    }
-    fn device(&self) -> &Device {
-        self.as_ref().device()
-    }
-    fn family(&self) -> Family {
-        self.as_ref().family()
-    }
-}
-
 /// The tokenizer side of a family: the pair encoding and the length policy.
 pub trait PairEncoder: Send + Sync {
     /// The sequences the model reads for one request (several per document only under
@@ -171,22 +156,6 @@ pub trait PairEncoder: Send + Sync {
         work: &mut TokenizeWork,
     ) -> Result<Vec<EncodedPair>, EncodePairsError>;
     fn max_length(&self) -> usize;
-}
-
-impl PairEncoder for Box<dyn PairEncoder> {
-    fn encode_pairs_counting(
-        &self,
-        query: &str,
-        documents: &[&str],
-        truncation: Truncation,
-        work: &mut TokenizeWork,
-    ) -> Result<Vec<EncodedPair>, EncodePairsError> {
-        self.as_ref()
-            .encode_pairs_counting(query, documents, truncation, work)
-    }
-    fn max_length(&self) -> usize {
-        self.as_ref().max_length()
-    }
 }
 
 /// A loaded model of any family: its scorer and its pair encoder.

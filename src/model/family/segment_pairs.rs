@@ -53,13 +53,14 @@ use tokenizers::{
     Encoding, PostProcessor, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy,
 };
 
-use crate::model::tokenizer::{TooLong, UnsupportedPair, MAX_SUPPORTED_LENGTH};
+use crate::model::tokenizer::{
+    ceil_char_boundary, floor_char_boundary, tokenize_bounded, Bounded, TooLong, UnsupportedPair,
+    MAX_SUPPORTED_LENGTH,
+};
 use crate::model::{EncodePairsError, EncodedPair, ModelError, TokenizeWork, Truncation};
 
 use super::PairEncoder;
 
-/// Bytes tokenized per token of the budget before trying a cut (a shorter prefix is doubled).
-const PREFIX_BYTES_PER_TOKEN: usize = 8;
 /// Past this many bytes per token of the budget without a safe cut, a segment is cut anyway.
 pub const GIANT_RUN_BYTES_PER_TOKEN: usize = 64;
 
@@ -83,31 +84,6 @@ impl std::fmt::Debug for SegmentPairTokenizer {
             .field("max_length", &self.max_length)
             .field("added", &self.added)
             .finish_non_exhaustive()
-    }
-}
-
-/// A segment's tokens: all of them, or the first ones (more than were asked for).
-enum Segment {
-    Whole(Encoding),
-    Prefix(Encoding),
-}
-
-impl Segment {
-    fn encoding(&self) -> &Encoding {
-        match self {
-            Segment::Whole(e) | Segment::Prefix(e) => e,
-        }
-    }
-    fn into_encoding(self) -> Encoding {
-        match self {
-            Segment::Whole(e) | Segment::Prefix(e) => e,
-        }
-    }
-    fn len(&self) -> usize {
-        self.encoding().len()
-    }
-    fn is_whole(&self) -> bool {
-        matches!(self, Segment::Whole(_))
     }
 }
 
@@ -302,31 +278,20 @@ impl SegmentPairTokenizer {
         text: &str,
         limit: usize,
         work: &mut TokenizeWork,
-    ) -> Result<Segment, ModelError> {
-        let mut window = limit
-            .saturating_add(1)
-            .saturating_mul(PREFIX_BYTES_PER_TOKEN);
-        if text.len() <= window {
-            return self.encode(text, work).map(Segment::Whole);
-        }
+    ) -> Result<Bounded, ModelError> {
         let giant = limit
             .saturating_add(1)
             .saturating_mul(GIANT_RUN_BYTES_PER_TOKEN);
-        while let Some(cut) = first_safe_cut(text, window) {
-            if cut > giant {
-                break;
-            }
-            let prefix = self.encode(&text[..cut], work)?;
-            if prefix.len() > limit {
-                return Ok(Segment::Prefix(prefix));
-            }
-            window = cut.saturating_mul(2);
-        }
-        if text.len() <= giant {
-            return self.encode(text, work).map(Segment::Whole);
-        }
-        let cut = floor_char_boundary(text, giant);
-        self.encode(&text[..cut], work).map(Segment::Prefix)
+        tokenize_bounded(
+            text.len(),
+            limit,
+            giant,
+            |min| first_safe_cut(text, min),
+            |end| match end {
+                None => self.encode(text, work),
+                Some(cut) => self.encode(&text[..floor_char_boundary(text, cut)], work),
+            },
+        )
     }
 
     fn encode(&self, text: &str, work: &mut TokenizeWork) -> Result<Encoding, ModelError> {
@@ -366,22 +331,6 @@ fn first_safe_cut(text: &str, min: usize) -> Option<usize> {
                     .next_back()
                     .is_some_and(|c| c.is_alphanumeric() || c.is_ascii_punctuation())
         })
-}
-
-fn floor_char_boundary(text: &str, at: usize) -> usize {
-    let mut at = at.min(text.len());
-    while !text.is_char_boundary(at) {
-        at -= 1;
-    }
-    at
-}
-
-fn ceil_char_boundary(text: &str, at: usize) -> usize {
-    let mut at = at.min(text.len());
-    while !text.is_char_boundary(at) {
-        at += 1;
-    }
-    at
 }
 
 #[cfg(test)]
