@@ -372,7 +372,12 @@ impl JobConsumer {
             tracing::info!(consumer = %self.name, "the default consumer predates per-model jobs; narrowing it to {}", jobs.subject);
             set_filters(stream, &self.name, &legacy, None)
                 .await
-                .map_err(|e| failed(format!("cannot narrow {} to {}: {e}", self.name, jobs.subject)))?;
+                .map_err(|e| {
+                    failed(format!(
+                        "cannot narrow {} to {}: {e}",
+                        self.name, jobs.subject
+                    ))
+                })?;
             existing.insert(self.name.clone(), legacy);
         }
 
@@ -392,13 +397,14 @@ impl JobConsumer {
         }
 
         let same = |filters: &[String]| {
-            filters.iter().collect::<BTreeSet<_>>() == wanted.filters.iter().collect::<BTreeSet<_>>()
+            filters.iter().collect::<BTreeSet<_>>()
+                == wanted.filters.iter().collect::<BTreeSet<_>>()
         };
         match existing.get(&wanted.name) {
             Some(filters) if same(filters) => {}
             // The default consumer at `J` only (narrowed above, or by a worker of another model):
             // its model's subject is added.
-            Some(filters) if default && filters == &[jobs.subject.clone()] => {
+            Some(filters) if default && filters.as_slice() == std::slice::from_ref(&jobs.subject) => {
                 set_filters(stream, &wanted.name, &wanted.filters, Some(model))
                     .await
                     .map_err(|e| failed(format!("cannot add {}: {e}", jobs.subject_for(model))))?;
@@ -550,11 +556,17 @@ mod tests {
     #[test]
     fn covering_subjects_are_found() {
         assert!(subject_covers("rerank.jobs.v1", "rerank.jobs.v1"));
-        assert!(subject_covers("rerank.jobs.v1.model.*", "rerank.jobs.v1.model.*"));
+        assert!(subject_covers(
+            "rerank.jobs.v1.model.*",
+            "rerank.jobs.v1.model.*"
+        ));
         assert!(subject_covers("rerank.jobs.>", "rerank.jobs.v1.model.*"));
         assert!(subject_covers("rerank.*.v1", "rerank.jobs.v1"));
         assert!(!subject_covers("rerank.jobs.v1", "rerank.jobs.v1.model.*"));
-        assert!(!subject_covers("rerank.jobs.v1.model.a", "rerank.jobs.v1.model.*"));
+        assert!(!subject_covers(
+            "rerank.jobs.v1.model.a",
+            "rerank.jobs.v1.model.*"
+        ));
         assert!(!subject_covers("rerank.jobs.*", "rerank.jobs.>"));
     }
 
@@ -562,7 +574,10 @@ mod tests {
     #[test]
     fn models_get_their_own_subject_and_consumer() {
         let stream = JobStream::default();
-        assert_eq!(stream.subjects(), ["rerank.jobs.v1", "rerank.jobs.v1.model.*"]);
+        assert_eq!(
+            stream.subjects(),
+            ["rerank.jobs.v1", "rerank.jobs.v1.model.*"]
+        );
         let consumer = JobConsumer::default();
         assert_eq!(
             consumer.for_model(&stream, "org/alpha-1.0", true),
@@ -587,7 +602,16 @@ mod tests {
     #[test]
     fn consumer_filters_of_distinct_models_do_not_overlap() {
         let (stream, consumer) = (JobStream::default(), JobConsumer::default());
-        let ids = ["a", "a.", "a_2E", "org/alpha-1.0", "beta_model", "", "*", ">"];
+        let ids = [
+            "a",
+            "a.",
+            "a_2E",
+            "org/alpha-1.0",
+            "beta_model",
+            "",
+            "*",
+            ">",
+        ];
         let mut all: Vec<(String, String)> = Vec::new();
         for (i, id) in ids.iter().enumerate() {
             for filter in consumer.for_model(&stream, id, i == 0).filters {
@@ -608,14 +632,27 @@ mod tests {
             ..JobStream::default()
         };
         assert!(with("rerank.jobs.v1").check("rerank.v1").is_ok());
-        for bad in ["rerank.jobs.*", "rerank.>", "", "rerank..jobs", "rerank jobs"] {
+        for bad in [
+            "rerank.jobs.*",
+            "rerank.>",
+            "",
+            "rerank..jobs",
+            "rerank jobs",
+        ] {
             assert!(
-                matches!(with(bad).check("rerank.v1"), Err(JobQueueError::JobsSubject { .. })),
+                matches!(
+                    with(bad).check("rerank.v1"),
+                    Err(JobQueueError::JobsSubject { .. })
+                ),
                 "{bad}"
             );
         }
         // `J` on a core model subject, and `J.model.*` on the core subject.
-        for (jobs, core) in [("rerank.v1.model.x", "rerank.v1"), ("a", "a.model.x"), ("rerank.v1", "rerank.v1")] {
+        for (jobs, core) in [
+            ("rerank.v1.model.x", "rerank.v1"),
+            ("a", "a.model.x"),
+            ("rerank.v1", "rerank.v1"),
+        ] {
             assert!(
                 matches!(with(jobs).check(core), Err(JobQueueError::Overlap { .. })),
                 "{jobs} / {core}"

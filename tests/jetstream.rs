@@ -706,7 +706,9 @@ const ALPHA: &str = "org/alpha-1.0";
 const BETA: &str = "beta_model";
 
 /// Every consumer of the job stream: name → filter subjects.
-async fn consumer_filters(js: &jetstream::Context) -> std::collections::BTreeMap<String, Vec<String>> {
+async fn consumer_filters(
+    js: &jetstream::Context,
+) -> std::collections::BTreeMap<String, Vec<String>> {
     use futures::TryStreamExt;
     let stream = js.get_stream(DEFAULT_STREAM).await.expect("stream");
     stream
@@ -754,7 +756,8 @@ async fn start_model_worker(url: &str, model: &'static str, default: bool) -> Wo
 }
 
 fn cohere(model: Option<&str>) -> serde_json::Value {
-    let mut body = serde_json::json!({"query": "capital of France?", "documents": ["Paris", "Bananas"]});
+    let mut body =
+        serde_json::json!({"query": "capital of France?", "documents": ["Paris", "Bananas"]});
     if let Some(model) = model {
         body["model"] = serde_json::json!(model);
     }
@@ -823,9 +826,13 @@ async fn two_models_each_have_a_durable_queue_and_scale_from_zero() {
         .retries(0)
         .build()
         .expect("client");
-    let reply = within(LIMIT, "client job", beta_client.send(request("q", &["d".into()])))
-        .await
-        .expect("reply");
+    let reply = within(
+        LIMIT,
+        "client job",
+        beta_client.send(request("q", &["d".into()])),
+    )
+    .await
+    .expect("reply");
     assert_eq!(reply.model, BETA);
     // Each worker computed exactly its own model's requests (neither has a core subscription:
     // everything came through its consumer).
@@ -835,7 +842,11 @@ async fn two_models_each_have_a_durable_queue_and_scale_from_zero() {
     let unknown = post(&sidecar.url("/v1/rerank"), &cohere(Some("gamma")), None).await;
     assert_eq!(unknown.status, 404, "{}", unknown.text);
     assert_eq!(unknown.error_code(), "model_not_found");
-    assert!(unknown.text.contains(ALPHA) && unknown.text.contains(BETA), "{}", unknown.text);
+    assert!(
+        unknown.text.contains(ALPHA) && unknown.text.contains(BETA),
+        "{}",
+        unknown.text
+    );
     sidecar.stop().await;
 
     // Scale beta to zero; a sidecar started now has never seen a beta worker, only its consumer.

@@ -238,7 +238,12 @@ fn the_jetstream_intake_refuses_a_wildcard_jobs_subject() {
     let output = std::process::Command::new(rerank_bin())
         .args(["worker", "--model"])
         .arg(tiny_model_dir())
-        .args(["--served-model-name", OTHER_MODEL, "--default-model", "false"])
+        .args([
+            "--served-model-name",
+            OTHER_MODEL,
+            "--default-model",
+            "false",
+        ])
         .args(["--intake", "jetstream", "--jobs-subject", "rerank.jobs.*"])
         .args(["--nats-url", "nats://127.0.0.1:1"])
         .args(["--health-listen", &format!("127.0.0.1:{}", free_port())])

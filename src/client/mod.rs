@@ -460,13 +460,15 @@ impl RerankClient {
                 subject: wire::model_subject(&t.subject, model),
                 ..t.clone()
             }),
-            Transport::JetStream(t) => Transport::JetStream(Box::new(jetstream::JetStreamTransport {
-                js: t.js.clone(),
-                core: nats::NatsTransport {
-                    subject: wire::model_subject(&t.core.subject, model),
-                    ..t.core.clone()
-                },
-            })),
+            Transport::JetStream(t) => {
+                Transport::JetStream(Box::new(jetstream::JetStreamTransport {
+                    js: t.js.clone(),
+                    core: nats::NatsTransport {
+                        subject: wire::model_subject(&t.core.subject, model),
+                        ..t.core.clone()
+                    },
+                }))
+            }
             Transport::Http(t) => Transport::Http(http::HttpTransport {
                 model: Some(model.to_string()),
                 ..t.clone()

@@ -284,7 +284,10 @@ fn not_served(model: &str, served: &[ServedModel], taken: &[TakenJobs]) -> ApiEr
     }
     // Served first, in the catalog's order, then the ones only queued.
     let mut names: Vec<String> = served.iter().map(|m| format!("`{}`", m.id)).collect();
-    for queued in known.iter().filter(|id| !served.iter().any(|m| m.id == **id)) {
+    for queued in known
+        .iter()
+        .filter(|id| !served.iter().any(|m| m.id == **id))
+    {
         names.push(format!("`{queued}`"));
     }
     ApiError::new(
@@ -355,7 +358,11 @@ mod tests {
         assert_eq!(error.code, ErrorCode::ModelNotFound);
         assert!(error.message.contains("`c`"), "{}", error.message);
         let error = not_served("x", &served, &[queued]);
-        assert!(error.message.ends_with("`a`, `b`, `c`"), "{}", error.message);
+        assert!(
+            error.message.ends_with("`a`, `b`, `c`"),
+            "{}",
+            error.message
+        );
         let long = not_served(&"é".repeat(1 << 20), &served, &[]);
         assert!(long.message.len() < 1024, "{}", long.message.len());
     }
