@@ -699,3 +699,272 @@ async fn a_cluster_node_killed_under_load_loses_nothing() {
         "a new stream leader"
     );
 }
+
+/// The default model's id in the per-model tests (escaped in its subjects: `/` and `.`).
+const ALPHA: &str = "org/alpha-1.0";
+/// A second model, not the default.
+const BETA: &str = "beta_model";
+
+/// Every consumer of the job stream: name → filter subjects.
+async fn consumer_filters(
+    js: &jetstream::Context,
+) -> std::collections::BTreeMap<String, Vec<String>> {
+    use futures::TryStreamExt;
+    let stream = js.get_stream(DEFAULT_STREAM).await.expect("stream");
+    stream
+        .consumers()
+        .map_ok(|info| {
+            let mut filters = info.config.filter_subjects.clone();
+            if !info.config.filter_subject.is_empty() {
+                filters.push(info.config.filter_subject.clone());
+            }
+            filters.sort();
+            (info.name.clone(), filters)
+        })
+        .try_collect()
+        .await
+        .expect("consumers")
+}
+
+fn assert_no_overlap(consumers: &std::collections::BTreeMap<String, Vec<String>>) {
+    let all: Vec<(&String, &String)> = consumers
+        .iter()
+        .flat_map(|(name, filters)| filters.iter().map(move |f| (name, f)))
+        .collect();
+    for (i, (a_name, a)) in all.iter().enumerate() {
+        assert!(!a.is_empty(), "{a_name} is unfiltered: {consumers:?}");
+        for (b_name, b) in &all[i + 1..] {
+            assert!(
+                !rerank_service::jobs::subjects_overlap(a, b),
+                "{a_name} ({a}) and {b_name} ({b}) overlap"
+            );
+        }
+    }
+}
+
+/// A JetStream worker process for `model` (the default model, or not).
+async fn start_model_worker(url: &str, model: &'static str, default: bool) -> WorkerProcess {
+    let url = url.to_string();
+    tokio::task::spawn_blocking(move || {
+        let default = if default { "true" } else { "false" };
+        let mut args = JS_WORKER.to_vec();
+        args.extend(["--served-model-name", model, "--default-model", default]);
+        WorkerProcess::start(&url, &args)
+    })
+    .await
+    .expect("worker start")
+}
+
+fn cohere(model: Option<&str>) -> serde_json::Value {
+    let mut body =
+        serde_json::json!({"query": "capital of France?", "documents": ["Paris", "Bananas"]});
+    if let Some(model) = model {
+        body["model"] = serde_json::json!(model);
+    }
+    body
+}
+
+/// One pool, two models, both on the JetStream intake behind one sidecar: each model's workers
+/// have their own durable consumer (filters that do not overlap), requests are routed by `model`
+/// to its jobs subject and reach that model's worker only; a model whose workers all stopped
+/// (scaled to zero) still takes requests, which are answered once a worker for it starts; a model
+/// no worker ever served is 404 at once, never a job left to expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_models_each_have_a_durable_queue_and_scale_from_zero() {
+    let nats = NatsServer::start_jetstream();
+    let alpha = start_model_worker(&nats.url(), ALPHA, true).await;
+    let mut beta = start_model_worker(&nats.url(), BETA, false).await;
+    let raw = nats_connect(&nats.url()).await;
+    let js = &jetstream::new(raw.clone());
+
+    // The names the Helm chart relies on.
+    let consumers = consumer_filters(js).await;
+    let beta_consumer = format!("{DEFAULT_CONSUMER}-beta_5Fmodel");
+    assert_eq!(
+        consumers.get(DEFAULT_CONSUMER),
+        Some(&vec![
+            DEFAULT_JOBS_SUBJECT.to_string(),
+            "rerank.jobs.v1.model.org_2Falpha-1_2E0".to_string()
+        ]),
+        "{consumers:?}"
+    );
+    assert_eq!(
+        consumers.get(&beta_consumer),
+        Some(&vec!["rerank.jobs.v1.model.beta_5Fmodel".to_string()]),
+        "{consumers:?}"
+    );
+    assert_eq!(consumers.len(), 2, "{consumers:?}");
+    assert_no_overlap(&consumers);
+    let mut stream = js.get_stream(DEFAULT_STREAM).await.expect("stream");
+    let subjects = stream.info().await.expect("info").config.subjects.clone();
+    assert_eq!(subjects, [DEFAULT_JOBS_SUBJECT, "rerank.jobs.v1.model.*"]);
+
+    let jetstream_sidecar = |nats: String| async move {
+        Sidecar::start_with(&nats, |c| {
+            c.jetstream = Some(JobStream::default());
+            c.request_timeout = LIMIT;
+            c.models_wait = Duration::from_secs(1);
+        })
+        .await
+    };
+    let sidecar = jetstream_sidecar(nats.url()).await;
+    for (model, answered_by) in [
+        (Some(BETA), BETA),
+        (None, ALPHA),
+        (Some(ALPHA), ALPHA),
+        (Some(BETA), BETA),
+    ] {
+        let answer = post(&sidecar.url("/v1/rerank"), &cohere(model), None).await;
+        assert_eq!(answer.status, 200, "{model:?}: {}", answer.text);
+        assert_eq!(answer.json()["model"], answered_by, "{model:?}");
+    }
+    // The client over JetStream: `.model(..)` publishes to that model's jobs subject.
+    let beta_client = RerankClient::builder()
+        .jetstream(raw.clone(), DEFAULT_JOBS_SUBJECT)
+        .model(BETA)
+        .timeout(LIMIT)
+        .retries(0)
+        .build()
+        .expect("client");
+    let reply = within(
+        LIMIT,
+        "client job",
+        beta_client.send(request("q", &["d".into()])),
+    )
+    .await
+    .expect("reply");
+    assert_eq!(reply.model, BETA);
+    // Each worker computed exactly its own model's requests (neither has a core subscription:
+    // everything came through its consumer).
+    assert_eq!(worker_metric(&beta, "rerank_requests_total"), 3.0);
+    assert_eq!(worker_metric(&alpha, "rerank_requests_total"), 2.0);
+    // Never served: refused at once, naming what is.
+    let unknown = post(&sidecar.url("/v1/rerank"), &cohere(Some("gamma")), None).await;
+    assert_eq!(unknown.status, 404, "{}", unknown.text);
+    assert_eq!(unknown.error_code(), "model_not_found");
+    assert!(
+        unknown.text.contains(ALPHA) && unknown.text.contains(BETA),
+        "{}",
+        unknown.text
+    );
+    sidecar.stop().await;
+
+    // Scale beta to zero; a sidecar started now has never seen a beta worker, only its consumer.
+    beta.signal("TERM");
+    let code = tokio::task::spawn_blocking(move || beta.wait_exit(Duration::from_secs(30)))
+        .await
+        .expect("wait");
+    assert_eq!(code, Some(0));
+    let sidecar = jetstream_sidecar(nats.url()).await;
+    let url = sidecar.url("/v1/rerank");
+    let over_http = tokio::spawn(async move { post(&url, &cohere(Some(BETA)), None).await });
+    let over_client = tokio::spawn(async move { beta_client.rerank("q", ["a", "b"]).await });
+    wait_until("both beta jobs wait in the stream", || async move {
+        stream_messages(js).await == 2
+    })
+    .await;
+    let beta = start_model_worker(&nats.url(), BETA, false).await;
+    let answer = within(LIMIT, "beta's job over HTTP", over_http)
+        .await
+        .expect("task");
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    assert_eq!(answer.json()["model"], BETA);
+    let result = within(LIMIT, "beta's job from the client", over_client)
+        .await
+        .expect("task")
+        .expect("answered");
+    assert_eq!(result.scores.len(), 2);
+    assert_eq!(worker_metric(&beta, "rerank_requests_total"), 2.0);
+    assert_eq!(worker_metric(&alpha, "rerank_requests_total"), 2.0);
+    sidecar.stop().await;
+}
+
+/// The consumers' rules, straight against the server (no worker process): distinct models get
+/// consumers whose filters do not overlap; a model served both as the default and not, or two
+/// default models, is refused by name; and a stream and consumer made before per-model jobs are
+/// upgraded in place, keeping the jobs they hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_filters_never_overlap_and_old_queues_are_upgraded() {
+    use rerank_service::jobs::{JobConsumer, JobQueueError};
+    let nats = NatsServer::start_jetstream();
+    let raw = nats_connect(&nats.url()).await;
+    let js = &jetstream::new(raw.clone());
+    let (jobs, consumer) = (JobStream::default(), JobConsumer::default());
+
+    // As created before per-model jobs: the stream captures `J` only, the consumer is unfiltered,
+    // and one job waits.
+    js.create_stream(jetstream::stream::Config {
+        name: DEFAULT_STREAM.into(),
+        subjects: vec![DEFAULT_JOBS_SUBJECT.into()],
+        retention: jetstream::stream::RetentionPolicy::WorkQueue,
+        allow_message_ttl: true,
+        ..Default::default()
+    })
+    .await
+    .expect("old stream");
+    js.get_stream(DEFAULT_STREAM)
+        .await
+        .expect("stream")
+        .create_consumer(jetstream::consumer::pull::Config {
+            durable_name: Some(DEFAULT_CONSUMER.into()),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await
+        .expect("old consumer");
+    drop(publish_raw(&raw, wire::encode(&request("q", &["d".into()]))).await);
+
+    let ensure = |model: &'static str, default: bool| {
+        let (jobs, consumer) = (jobs.clone(), consumer.clone());
+        async move {
+            let stream = jobs.ensure(js, wire::SUBJECT_V1).await.expect("stream");
+            consumer
+                .ensure(&stream, &jobs, model, default)
+                .await
+                .map(|(_, taken)| taken)
+        }
+    };
+    // Another model first: the stream gains `J.model.*`, the old consumer is narrowed to `J`.
+    let beta = ensure(BETA, false).await.expect("beta's consumer");
+    assert_eq!(beta.name, format!("{DEFAULT_CONSUMER}-beta_5Fmodel"));
+    let consumers = consumer_filters(js).await;
+    assert_eq!(consumers[DEFAULT_CONSUMER], [DEFAULT_JOBS_SUBJECT]);
+    assert_no_overlap(&consumers);
+    // The default model's workers add their own subject to it.
+    let alpha = ensure(ALPHA, true).await.expect("alpha's consumer");
+    assert_eq!(alpha.name, DEFAULT_CONSUMER);
+    let consumers = consumer_filters(js).await;
+    assert_eq!(consumers.len(), 2);
+    assert_eq!(consumers[DEFAULT_CONSUMER].len(), 2, "{consumers:?}");
+    assert_no_overlap(&consumers);
+    // Idempotent.
+    assert_eq!(ensure(ALPHA, true).await.expect("again"), alpha);
+    assert_eq!(ensure(BETA, false).await.expect("again"), beta);
+    // The old job is still there, for the default model's workers.
+    assert_eq!(stream_messages(js).await, 1);
+
+    // The same model both as the default and not: the filters would overlap.
+    match ensure(ALPHA, false).await {
+        Err(JobQueueError::ConsumerOverlap { other, model, .. }) => {
+            assert_eq!(other, DEFAULT_CONSUMER);
+            assert_eq!(model, ALPHA);
+        }
+        other => panic!("expected ConsumerOverlap, got {other:?}"),
+    }
+    match ensure(BETA, true).await {
+        Err(e @ JobQueueError::ConsumerOverlap { .. }) => {
+            assert!(e.to_string().contains("--default-model"), "{e}")
+        }
+        other => panic!("expected ConsumerOverlap, got {other:?}"),
+    }
+    // Two default models would share `rerank-workers`.
+    match ensure("gamma", true).await {
+        Err(e @ JobQueueError::ConsumerMismatch { .. }) => {
+            assert!(e.to_string().contains("--default-model"), "{e}")
+        }
+        other => panic!("expected ConsumerMismatch, got {other:?}"),
+    }
+    // Nothing was changed by the refusals.
+    let after = consumer_filters(js).await;
+    assert_eq!(after, consumers);
+}

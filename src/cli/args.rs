@@ -354,7 +354,9 @@ pub struct JobStreamArgs {
     /// JetStream stream holding the jobs (created with WorkQueue retention if missing).
     #[arg(long, env = "RERANK_STREAM", default_value = crate::jobs::DEFAULT_STREAM)]
     pub stream: String,
-    /// Subject jobs are published to; must not overlap the core --subject.
+    /// Subject of the jobs that name no model (the default model's); a model's jobs go to
+    /// `<jobs-subject>.model.<token>`, and the stream captures both. Must not overlap the core
+    /// --subject or its model subjects.
     #[arg(long, env = "RERANK_JOBS_SUBJECT", default_value = crate::jobs::DEFAULT_JOBS_SUBJECT)]
     pub jobs_subject: String,
     /// Jobs the stream holds at most; beyond it a publish is refused (`overloaded`, HTTP 429).
@@ -397,7 +399,8 @@ pub struct IntakeArgs {
     /// `core` (request-reply on --subject) or `jetstream` (pull jobs from --stream).
     #[arg(long, env = "RERANK_INTAKE", value_enum, default_value_t = IntakeKind::Core)]
     pub intake: IntakeKind,
-    /// Durable pull consumer shared by every worker (JetStream intake).
+    /// Durable pull consumer of the default model's workers (JetStream intake); every other
+    /// model's workers share `<consumer>-<token>`, `<token>` being the model id as in its subject.
     #[arg(long, env = "RERANK_CONSUMER", default_value = crate::jobs::DEFAULT_CONSUMER)]
     pub consumer: String,
     /// Seconds a pulled job may go without an ack or progress ack before it is delivered again

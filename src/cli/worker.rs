@@ -77,7 +77,7 @@ pub async fn run_worker(
 
     let intake = intake.to_intake(&options.queue_group)?;
     // Before the model load, which may take minutes.
-    worker::check_intake(&intake, options.default_model, model.served_id())?;
+    worker::check_intake(&intake, &nats.subject)?;
     let config = engine.to_config(!model.device.starts_with("cpu"))?;
     let (engine, info, family) = start_engine(model, config, engine_metrics).await?;
     let config = WorkerConfig {

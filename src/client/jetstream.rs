@@ -1,5 +1,6 @@
 //! The JetStream transport: each attempt is a durable job in the workers' stream
-//! ([`crate::jobs`] defines it; this file needs only its subject).
+//! ([`crate::jobs`] defines it; this file needs only its subject: the jobs subject, or a model's
+//! jobs subject, [`crate::wire::model_subject`] of it).
 //!
 //! Per attempt: subscribe to a fresh inbox, publish the job with that inbox in `Rerank-Reply-To`,
 //! a `Nats-Msg-Id` (a publish retried after a lost ack is stored once), the deadline in the body
@@ -43,7 +44,8 @@ const FULL_RETRY_AFTER: Duration = Duration::from_secs(1);
 #[derive(Clone, Debug)]
 pub(crate) struct JetStreamTransport {
     pub js: async_nats::jetstream::Context,
-    /// Same connection, `subject` = the jobs subject (worker discovery filters on it).
+    /// Same connection, `subject` = the jobs subject this client publishes to (the default
+    /// model's, or one model's); worker discovery filters on it.
     pub core: NatsTransport,
 }
 

@@ -135,8 +135,6 @@ pub enum BuildError {
     NoTransport,
     #[error("cannot build the HTTP client: {0}")]
     Http(String),
-    #[error("the JetStream transport serves the pool's default model only, not {0}; use .nats(client, \"rerank.v1\").model(..)")]
-    ModelOverJetStream(String),
 }
 
 /// Configures a [`RerankClient`]. Defaults follow the seed service (`docs/seed-api.md`): 3 retries, 1 s backoff base
@@ -203,7 +201,10 @@ impl RerankClientBuilder {
     /// Publish each attempt as a durable job on `jobs_subject` (e.g. `rerank.jobs.v1`), captured
     /// by the workers' JetStream stream, and wait for the reply on an inbox. The job waits in the
     /// stream while no worker runs, and is answered by another worker if one dies with it; the
-    /// stream must exist (workers with `--intake jetstream` and the sidecar create it).
+    /// stream must exist (workers with `--intake jetstream` and the sidecar create it). With
+    /// [`model`](Self::model) the jobs go to that model's jobs subject
+    /// ([`wire::model_subject`]`(jobs_subject, model)`). A job for a model whose workers never
+    /// ran (no consumer takes its subject) waits for its TTL: the sidecar checks for you.
     pub fn jetstream(
         mut self,
         client: async_nats::Client,
@@ -232,8 +233,8 @@ impl RerankClientBuilder {
     /// Rerank with the model the pool serves as `model` (its id, e.g.
     /// `cross-encoder/ms-marco-MiniLM-L-6-v2`) instead of the pool's default. Over NATS the
     /// requests go to [`wire::model_subject`]`(subject, model)` (so `.nats(..)` takes the pool's
-    /// base subject, `rerank.v1`); over HTTP the body names it. The JetStream transport serves
-    /// the default model only, so [`build`](Self::build) refuses it with a model.
+    /// base subject, `rerank.v1`, and `.jetstream(..)` the jobs subject, `rerank.jobs.v1`); over
+    /// HTTP the body names it.
     pub fn model(mut self, model: impl Into<String>) -> Self {
         self.model = Some(model.into());
         self
@@ -273,14 +274,17 @@ impl RerankClientBuilder {
 
     pub fn build(self) -> Result<RerankClient, BuildError> {
         let transport = match (self.nats, self.http) {
-            (Some(_), _) if self.jetstream && self.model.is_some() => {
-                return Err(BuildError::ModelOverJetStream(
-                    self.model.unwrap_or_default(),
-                ))
+            (Some((client, subject)), _) if self.jetstream => {
+                let subject = match &self.model {
+                    Some(model) => wire::model_subject(&subject, model),
+                    None => subject,
+                };
+                Transport::JetStream(Box::new(jetstream::JetStreamTransport::new(
+                    client,
+                    subject,
+                    self.service,
+                )))
             }
-            (Some((client, subject)), _) if self.jetstream => Transport::JetStream(Box::new(
-                jetstream::JetStreamTransport::new(client, subject, self.service),
-            )),
             (Some((client, subject)), _) => Transport::Nats(nats::NatsTransport {
                 client,
                 subject: match &self.model {
@@ -445,24 +449,32 @@ impl RerankClient {
         result
     }
 
-    /// A client like this one (same connection, timeout and retries) for `model`: over NATS it
-    /// sends to [`wire::model_subject`]`(this client's subject, model)`, so call it on a client of
-    /// the pool's base subject; over HTTP it names `model` in the body. The JetStream transport
-    /// serves the default model only ([`BuildError::ModelOverJetStream`]).
-    pub fn with_model(&self, model: &str) -> Result<RerankClient, BuildError> {
+    /// A client like this one (same connection, timeout and retries) for `model`: over NATS (and
+    /// JetStream) it sends to [`wire::model_subject`]`(this client's subject, model)`, so call it
+    /// on a client of the pool's base subject (the jobs subject); over HTTP it names `model` in
+    /// the body.
+    pub fn with_model(&self, model: &str) -> RerankClient {
         let inner = &self.inner;
         let transport = match &inner.transport {
             Transport::Nats(t) => Transport::Nats(nats::NatsTransport {
                 subject: wire::model_subject(&t.subject, model),
                 ..t.clone()
             }),
-            Transport::JetStream(_) => return Err(BuildError::ModelOverJetStream(model.into())),
+            Transport::JetStream(t) => {
+                Transport::JetStream(Box::new(jetstream::JetStreamTransport {
+                    js: t.js.clone(),
+                    core: nats::NatsTransport {
+                        subject: wire::model_subject(&t.core.subject, model),
+                        ..t.core.clone()
+                    },
+                }))
+            }
             Transport::Http(t) => Transport::Http(http::HttpTransport {
                 model: Some(model.to_string()),
                 ..t.clone()
             }),
         };
-        Ok(RerankClient {
+        RerankClient {
             inner: Arc::new(Inner {
                 transport,
                 retries: inner.retries,
@@ -471,7 +483,7 @@ impl RerankClient {
                 timeout: inner.timeout,
                 counters: Counters::default(),
             }),
-        })
+        }
     }
 
     /// Every worker of the pool, whatever model it serves, from the `$SRV.INFO` replies that

@@ -8,7 +8,8 @@
 //! Requests go through [`crate::client::RerankClient`] over NATS without retries (the HTTP caller
 //! has its own), except one quick retry when no worker is subscribed, which covers rollouts.
 //! With `--transport jetstream` the client's JetStream transport publishes each request as a
-//! durable job instead, which waits in the stream while the pool is scaled to zero.
+//! durable job instead (on the model's jobs subject, see [`models`]), which waits in the stream
+//! while the model's workers are scaled to zero.
 //! Imports `client`, `wire` and `telemetry`; never `async_nats` directly.
 
 pub mod error;
@@ -31,7 +32,7 @@ use axum::Router;
 
 use crate::client::{BuildError, RerankClient};
 use crate::http_server::{self, BodyLimit, ServerLimits, Timeouts};
-use crate::jobs::{JobQueueError, JobStream};
+use crate::jobs::{JobConsumers, JobQueueError, JobStream};
 use crate::nats::{NatsConfig, NatsConnectError};
 
 pub use error::ApiError;
@@ -154,14 +155,16 @@ impl AppState {
     /// State around a core NATS client on the pool's base subject (health, readiness and the
     /// model catalog ask it; requests that name a model go to that model's subject).
     pub fn new(client: RerankClient, config: &SidecarConfig) -> Result<Self, SidecarError> {
-        Self::with_pool(client.clone(), client, config)
+        Self::with_pool(client.clone(), client, None, config)
     }
 
-    /// State around `client` for the default model (any transport) and `pool`, a core NATS
-    /// client on the pool's base subject, for the model catalog and the other models.
+    /// State around `client` for the default model (any transport), `pool`, a core NATS client
+    /// on the pool's base subject, for the model catalog and the models on the core intake, and
+    /// with the JetStream transport the job stream's consumers (which models' jobs are taken).
     pub fn with_pool(
         client: RerankClient,
         pool: RerankClient,
+        jobs: Option<JobConsumers>,
         config: &SidecarConfig,
     ) -> Result<Self, SidecarError> {
         let registry = prometheus::Registry::new();
@@ -181,7 +184,13 @@ impl AppState {
             body_limit,
             body_budget_bytes: config.body_budget_bytes,
         };
-        let models = Models::new(client.clone(), pool, config.models_wait, config.models_ttl);
+        let models = Models::new(
+            client.clone(),
+            pool,
+            jobs,
+            config.models_wait,
+            config.models_ttl,
+        );
         Ok(Self {
             inner: Arc::new(StateInner {
                 client,
@@ -208,17 +217,20 @@ impl AppState {
                 .backoff_base(config.no_responders_backoff)
                 .build()
         };
-        // Core request-reply on the base subject: the other models (and, without JetStream, the
-        // default one too).
+        // Core request-reply on the base subject: discovery, the models on the core intake (and,
+        // without JetStream, every model).
         let pool = settings(RerankClient::builder().nats(nats.clone(), config.subject.clone()))?;
-        let client = match &config.jetstream {
-            None => pool.clone(),
+        let (client, jobs) = match &config.jetstream {
+            None => (pool.clone(), None),
             Some(jobs) => {
                 jobs.ensure_on(&nats, &config.subject).await?;
-                settings(RerankClient::builder().jetstream(nats, jobs.subject.clone()))?
+                let consumers = jobs.consumers_on(&nats);
+                let client =
+                    settings(RerankClient::builder().jetstream(nats, jobs.subject.clone()))?;
+                (client, Some(consumers))
             }
         };
-        Self::with_pool(client, pool, config)
+        Self::with_pool(client, pool, jobs, config)
     }
 
     /// The model router.

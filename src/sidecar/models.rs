@@ -2,14 +2,22 @@
 //! that reaches each.
 //!
 //! - No `model` (or an empty one): the pool's default model, through the sidecar's main client
-//!   (`rerank.v1`, or the JetStream jobs with `--transport jetstream`).
-//! - A `model` some worker serves: that model's subject ([`crate::wire::model_subject`]), over core
-//!   request-reply; the default model's id goes through the main client, like no `model`.
-//! - Any other `model`: 404 `model_not_found`, naming the models that are served; 503
-//!   `unavailable` when no worker answers discovery at all (nothing to compare against).
+//!   (`rerank.v1`, or the JetStream jobs subject `rerank.jobs.v1` with `--transport jetstream`).
+//! - The default model's id, while a worker serves it: the main client, like no `model`.
+//! - With `--transport jetstream`, a `model` whose jobs a consumer of the stream takes (its
+//!   workers ran at least once; [`crate::jobs`]): a durable job on that model's jobs subject
+//!   (`rerank.jobs.v1.model.<token>`), whether or not a worker runs now. So a model's pool scales
+//!   to zero like the default's: its jobs wait in the stream (for their TTL at most) until a
+//!   worker starts, and outlive a worker that dies.
+//! - A `model` some worker serves otherwise (core intake): that model's subject
+//!   ([`crate::wire::model_subject`]), over core request-reply.
+//! - Any other `model`: 404 `model_not_found`, naming the models that are served or queued; 503
+//!   `unavailable` when there are none at all (nothing to compare against). A job for a model no
+//!   worker ever took is never published: it would wait for its TTL unanswered.
 //!
 //! The catalog is the `$SRV.INFO` replies gathered for [`SidecarConfig::models_wait`]
-//! (`crate::sidecar::SidecarConfig`), kept for [`SidecarConfig::models_ttl`]. A stale catalog
+//! (`crate::sidecar::SidecarConfig`), and with JetStream the stream's consumers, kept for
+//! [`SidecarConfig::models_ttl`]. A stale catalog
 //! still routes the models it lists (and is refreshed in the background), so a request for a
 //! known model never waits for discovery; a model missing from it triggers a refresh at most once
 //! per [`MISS_REFRESH`], so unknown names cannot turn every request into a discovery round.
@@ -20,6 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::client::{RerankClient, RerankError, WorkerInfo};
+use crate::jobs::{subject_covers, JobConsumers, TakenJobs};
 use crate::wire::ErrorCode;
 
 use super::error::ApiError;
@@ -48,14 +57,17 @@ struct Catalog {
     fetched: Option<Instant>,
     models: Vec<ServedModel>,
     first_seen: HashMap<String, u64>,
-    clients: HashMap<String, RerankClient>,
+    /// What the job stream's consumers take (JetStream transport).
+    taken: Vec<TakenJobs>,
 }
 
 struct Inner {
     /// The main client: the default model (core `rerank.v1` or JetStream jobs).
     default: RerankClient,
-    /// A core NATS client on the pool's base subject: discovery and the per-model clients.
+    /// A core NATS client on the pool's base subject: discovery and the core-intake models.
     pool: RerankClient,
+    /// The job stream's consumers, with the JetStream transport (`default` publishes jobs).
+    jobs: Option<JobConsumers>,
     wait: Duration,
     ttl: Duration,
     catalog: Mutex<Catalog>,
@@ -70,12 +82,20 @@ pub struct Models {
 
 impl Models {
     /// `default` serves requests without a model; `pool` (core NATS on the base subject) finds
-    /// the models and reaches the others.
-    pub fn new(default: RerankClient, pool: RerankClient, wait: Duration, ttl: Duration) -> Self {
+    /// the models and reaches those on the core intake; `jobs` (with the JetStream transport, whose
+    /// `default` client then publishes jobs) says which models' jobs a worker pool takes.
+    pub fn new(
+        default: RerankClient,
+        pool: RerankClient,
+        jobs: Option<JobConsumers>,
+        wait: Duration,
+        ttl: Duration,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 default,
                 pool,
+                jobs,
                 wait,
                 ttl,
                 catalog: Mutex::new(Catalog::default()),
@@ -126,22 +146,43 @@ impl Models {
         let catalog = self.lock();
         match self.route(&catalog, model) {
             Some(client) => Ok(client),
-            None => Err(not_served(model, &catalog.models)),
+            None => Err(not_served(model, &catalog.models, &catalog.taken)),
         }
     }
 
-    /// The client that reaches `model` if the catalog lists it.
+    /// The client that reaches `model` if the catalog knows it (see the module docs).
     fn route(&self, catalog: &Catalog, model: &str) -> Option<RerankClient> {
-        let served = catalog.models.iter().find(|m| m.id == model)?;
-        if served.default {
+        let served = catalog.models.iter().find(|m| m.id == model);
+        if served.is_some_and(|m| m.default) {
             return Some(self.inner.default.clone());
         }
-        catalog.clients.get(model).cloned()
+        if let Some(jobs) = &self.inner.jobs {
+            let subject = jobs.stream().subject_for(model);
+            let queued = catalog
+                .taken
+                .iter()
+                .any(|t| t.subjects.iter().any(|s| subject_covers(s, &subject)));
+            if queued {
+                return Some(self.inner.default.with_model(model));
+            }
+        }
+        served.map(|_| self.inner.pool.with_model(model))
     }
 
-    /// Gathers `$SRV.INFO` now and replaces the catalog.
+    /// Gathers `$SRV.INFO` (and the job stream's consumers) now and replaces the catalog.
     async fn refresh(&self) -> Result<Vec<ServedModel>, RerankError> {
-        let workers = self.inner.pool.pool_workers(self.inner.wait).await?;
+        let taken = async {
+            match &self.inner.jobs {
+                None => Some(Vec::new()),
+                Some(jobs) => jobs
+                    .list()
+                    .await
+                    .inspect_err(|e| tracing::warn!(error = %e, "cannot list the job stream's consumers; keeping the last list"))
+                    .ok(),
+            }
+        };
+        let (workers, taken) = tokio::join!(self.inner.pool.pool_workers(self.inner.wait), taken);
+        let workers = workers?;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -150,21 +191,10 @@ impl Models {
         let mut models = merge(&workers);
         for model in &mut models {
             model.first_seen = *catalog.first_seen.entry(model.id.clone()).or_insert(now);
-            if !model.default && !catalog.clients.contains_key(&model.id) {
-                match self.inner.pool.with_model(&model.id) {
-                    Ok(client) => {
-                        catalog.clients.insert(model.id.clone(), client);
-                    }
-                    Err(e) => {
-                        tracing::warn!(model = %model.id, error = %e, "cannot route to model")
-                    }
-                }
-            }
         }
-        // Only models that are served keep a client.
-        catalog
-            .clients
-            .retain(|id, _| models.iter().any(|m| &m.id == id));
+        if let Some(taken) = taken {
+            catalog.taken = taken;
+        }
         catalog.models = models.clone();
         catalog.fetched = Some(Instant::now());
         Ok(models)
@@ -234,19 +264,32 @@ pub fn merge(workers: &[WorkerInfo]) -> Vec<ServedModel> {
 /// Longest part of an unknown `model` echoed in the error (the field is the caller's, of any size).
 const ECHOED_MODEL_CHARS: usize = 128;
 
-/// 404 `model_not_found` naming what is served, or 503 when nothing answered discovery.
-fn not_served(model: &str, served: &[ServedModel]) -> ApiError {
+/// 404 `model_not_found` naming what is served (or queued: a pool scaled to zero), or 503 when
+/// there is nothing to compare against.
+fn not_served(model: &str, served: &[ServedModel], taken: &[TakenJobs]) -> ApiError {
     let model = match model.char_indices().nth(ECHOED_MODEL_CHARS) {
         Some((cut, _)) => format!("{}…", &model[..cut]),
         None => model.to_string(),
     };
-    if served.is_empty() {
+    let known: BTreeSet<&str> = served
+        .iter()
+        .map(|m| m.id.as_str())
+        .chain(taken.iter().filter_map(|t| t.model.as_deref()))
+        .collect();
+    if known.is_empty() {
         return ApiError::new(
             ErrorCode::Unavailable,
             format!("no worker answered service discovery, so model `{model}` cannot be reached"),
         );
     }
-    let names: Vec<String> = served.iter().map(|m| format!("`{}`", m.id)).collect();
+    // Served first, in the catalog's order, then the ones only queued.
+    let mut names: Vec<String> = served.iter().map(|m| format!("`{}`", m.id)).collect();
+    for queued in known
+        .iter()
+        .filter(|id| !served.iter().any(|m| m.id == **id))
+    {
+        names.push(format!("`{queued}`"));
+    }
     ApiError::new(
         ErrorCode::ModelNotFound,
         format!(
@@ -296,7 +339,7 @@ mod tests {
     #[test]
     fn an_unknown_model_names_the_served_ones() {
         let served = merge(&[worker("a", true, "cpu"), worker("b", false, "cpu")]);
-        let error = not_served("x", &served);
+        let error = not_served("x", &served, &[]);
         assert_eq!(error.code, ErrorCode::ModelNotFound);
         assert_eq!(error.status.as_u16(), 404);
         assert!(
@@ -304,8 +347,23 @@ mod tests {
             "{}",
             error.message
         );
-        assert_eq!(not_served("x", &[]).code, ErrorCode::Unavailable);
-        let long = not_served(&"é".repeat(1 << 20), &served);
+        assert_eq!(not_served("x", &[], &[]).code, ErrorCode::Unavailable);
+        // A pool scaled to zero is still named (from its consumer's metadata).
+        let queued = TakenJobs {
+            consumer: "rerank-workers-c".into(),
+            model: Some("c".into()),
+            subjects: vec!["rerank.jobs.v1.model.c".into()],
+        };
+        let error = not_served("x", &[], std::slice::from_ref(&queued));
+        assert_eq!(error.code, ErrorCode::ModelNotFound);
+        assert!(error.message.contains("`c`"), "{}", error.message);
+        let error = not_served("x", &served, &[queued]);
+        assert!(
+            error.message.ends_with("`a`, `b`, `c`"),
+            "{}",
+            error.message
+        );
+        let long = not_served(&"é".repeat(1 << 20), &served, &[]);
         assert!(long.message.len() < 1024, "{}", long.message.len());
     }
 }

@@ -325,32 +325,41 @@ pub fn decode_reply(body: &[u8]) -> Result<ReplyBody, DecodeError> {
     }
 }
 
-/// The request subject of one model: `<base>.model.<token>`, e.g.
+/// The request subject of one model: `<base>.model.<token>` ([`model_token`]), e.g.
 /// `rerank.v1.model.nvidia_2Fllama-nemotron-rerank-1b-v2` for `nvidia/llama-nemotron-rerank-1b-v2`
-/// on the base `rerank.v1`.
-///
-/// The token is the model id with ASCII letters, digits and `-` kept and every other byte of its
+/// on the base `rerank.v1`. Workers subscribe to it, callers (the client's `.model(..)`, the
+/// sidecar) send to it; the JetStream jobs of a model use the same rule on the jobs subject
+/// (`rerank.jobs.v1.model.<token>`, see `crate::jobs`).
+pub fn model_subject(base: &str, model_id: &str) -> String {
+    format!("{base}.{MODEL_SUBJECT_INFIX}.{}", model_token(model_id))
+}
+
+/// The wildcard subject matching every [`model_subject`] of `base`: `<base>.model.*`.
+pub fn model_subjects(base: &str) -> String {
+    format!("{base}.{MODEL_SUBJECT_INFIX}.*")
+}
+
+/// A model id as one subject token: ASCII letters, digits and `-` kept, every other byte of its
 /// UTF-8 (`/`, `.`, `_`, spaces...) written as `_` and two uppercase hex digits (`/` → `_2F`,
 /// `.` → `_2E`, `_` → `_5F`). So the token holds only `[A-Za-z0-9_-]` (no `.`, `*`, `>` or
-/// whitespace: always one valid NATS token, never a wildcard), and distinct ids never share a
-/// subject (the escaping can be undone). The empty id maps to the token `_`, which no other id
-/// produces. Workers subscribe to it, callers (the client's `.model(..)`, the sidecar) send to it:
-/// this function is the only place the rule lives.
-pub fn model_subject(base: &str, model_id: &str) -> String {
+/// whitespace: always one valid NATS token, never a wildcard, and a valid JetStream consumer
+/// name part), and distinct ids never share a token (the escaping can be undone). The empty id
+/// maps to `_`, which no other id produces. This function is the only place the rule lives.
+pub fn model_token(model_id: &str) -> String {
     use std::fmt::Write;
-    let mut subject = format!("{base}.{MODEL_SUBJECT_INFIX}.");
     if model_id.is_empty() {
-        subject.push('_');
+        return "_".into();
     }
+    let mut token = String::with_capacity(model_id.len());
     for byte in model_id.bytes() {
         if byte.is_ascii_alphanumeric() || byte == b'-' {
-            subject.push(char::from(byte));
+            token.push(char::from(byte));
         } else {
             // Writing to a String cannot fail.
-            let _ = write!(subject, "_{byte:02X}");
+            let _ = write!(token, "_{byte:02X}");
         }
     }
-    subject
+    token
 }
 
 /// Indices by descending score, ties by ascending index; NaN sorts last. Cut to `top_k`.

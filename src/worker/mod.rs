@@ -46,6 +46,8 @@ pub enum Intake {
 #[derive(Debug, Clone, Default)]
 pub struct JetStreamSettings {
     pub stream: JobStream,
+    /// The consumers' shared settings; the worker's own consumer is named after its model
+    /// ([`JobConsumer::for_model`], the naming table in [`crate::jobs`]).
     pub consumer: JobConsumer,
     /// Jobs this worker holds at once (pulled, not yet answered); the rest wait in the stream.
     pub max_pulled_jobs: usize,
@@ -59,7 +61,7 @@ pub struct WorkerConfig {
     /// [`wire::model_subject`]`(subject, model id)`. The jobs subject must not overlap it.
     pub subject: String,
     /// Whether this worker's model is the pool's default, answering requests that name no model
-    /// (those on `subject`). One model per pool should be; the JetStream intake serves only it.
+    /// (those on `subject`, or jobs on the jobs subject). One model per pool should be.
     pub default_model: bool,
     /// The model's architecture family (config.json `model_type`, e.g. `llama_bidirec`), as
     /// service discovery reports it.
@@ -84,19 +86,15 @@ pub enum WorkerError {
     Subscribe { subject: String, message: String },
     #[error(transparent)]
     JobQueue(#[from] JobQueueError),
-    #[error("the JetStream intake serves the pool's default model only; run this worker (model {model}) with the core intake, or make it the default")]
-    JetStreamNotDefault { model: String },
 }
 
-/// Refuses the JetStream intake for a model that is not the pool's default: its jobs share the
-/// default's stream and consumer, so it would answer requests meant for the default model.
-pub fn check_intake(intake: &Intake, default_model: bool, model: &str) -> Result<(), WorkerError> {
-    if matches!(intake, Intake::JetStream(_)) && !default_model {
-        return Err(WorkerError::JetStreamNotDefault {
-            model: model.to_string(),
-        });
+/// Checks the intake's names without connecting (the JetStream jobs subject against the core
+/// `subject`), so a misconfigured worker stops before its model load, which may take minutes.
+pub fn check_intake(intake: &Intake, subject: &str) -> Result<(), WorkerError> {
+    match intake {
+        Intake::Core { .. } => Ok(()),
+        Intake::JetStream(settings) => Ok(settings.stream.check(subject)?),
     }
-    Ok(())
 }
 
 /// The core subjects a worker serves: its model's own subject, and the base subject when it is
@@ -123,40 +121,43 @@ pub async fn run(
     ready: Arc<AtomicBool>,
     stop: impl Future<Output = ()>,
 ) -> Result<(), WorkerError> {
-    check_intake(&config.intake, config.default_model, &config.model.name)?;
+    check_intake(&config.intake, &config.subject)?;
     let client = config.nats.connect().await?;
     metrics.model_loaded.set(1);
     let subjects = core_subjects(&config.subject, &config.model.name, config.default_model);
     let model_subject = wire::model_subject(&config.subject, &config.model.name);
 
-    // The JetStream queue first: a worker that cannot use it must not announce itself.
-    let consumer = match &config.intake {
-        Intake::Core { .. } => None,
-        Intake::JetStream(settings) => {
-            let js = async_nats::jetstream::new(client.clone());
-            let stream = settings.stream.ensure(&js, &config.subject).await?;
-            let consumer = settings
-                .consumer
-                .ensure(&stream, &settings.stream.name)
-                .await?;
-            Some(consumer)
-        }
-    };
-
     // The endpoint's subject: the one a caller that names no model uses (the default's base
-    // subject), else the model's own; `model_subject` is always in the metadata.
+    // subject), else the model's own; `model_subject` is always in the metadata. The JetStream
+    // intake's endpoint is its jobs subject (`J` for the default, else the model's), its "queue
+    // group" the durable consumer.
     let core_subject = if config.default_model {
         config.subject.clone()
     } else {
         model_subject.clone()
     };
-    let (endpoint_subject, queue_group, intake_name) = match &config.intake {
-        Intake::Core { queue_group } => (core_subject, queue_group.clone(), "core"),
-        Intake::JetStream(s) => (
-            s.stream.subject.clone(),
-            s.consumer.name.clone(),
-            "jetstream",
-        ),
+    // The JetStream queue first: a worker that cannot use it must not announce itself.
+    let (consumer, endpoint_subject, queue_group, intake_name) = match &config.intake {
+        Intake::Core { queue_group } => (None, core_subject, queue_group.clone(), "core"),
+        Intake::JetStream(settings) => {
+            let js = async_nats::jetstream::new(client.clone());
+            let stream = settings.stream.ensure(&js, &config.subject).await?;
+            let (consumer, taken) = settings
+                .consumer
+                .ensure(
+                    &stream,
+                    &settings.stream,
+                    &config.model.name,
+                    config.default_model,
+                )
+                .await?;
+            let jobs_subject = if config.default_model {
+                settings.stream.subject.clone()
+            } else {
+                settings.stream.subject_for(&config.model.name)
+            };
+            (Some(consumer), jobs_subject, taken.name, "jetstream")
+        }
     };
     let mut metadata = HashMap::new();
     metadata.insert("model".to_string(), config.model.name.clone());

@@ -1,4 +1,5 @@
-//! The JetStream intake: jobs are pulled from the durable WorkQueue stream ([`crate::jobs`]).
+//! The JetStream intake: jobs are pulled from the durable WorkQueue stream ([`crate::jobs`]),
+//! through the durable consumer of this worker's model (which takes that model's jobs only).
 //!
 //! - **Pull only what fits:** a worker holds at most `max_pulled_jobs` jobs (pulled and not yet
 //!   answered) and asks for exactly as many as it has room for, with a short `expires`; the rest
