@@ -22,8 +22,10 @@ fn loadgen_holds_load_and_survives_a_worker_kill() {
             "1",
             "--backoff-ms",
             "50",
+            // The killed worker's requests time out before they are retried: long enough that a
+            // loaded box's slow answers are not mistaken for them.
             "--timeout",
-            "5",
+            "15",
         ])
         .args(["--watch-pids", &pids])
         .env("RUST_LOG", "error")

@@ -83,22 +83,7 @@ pub struct Llama3RopeScaling {
 impl ModelConfig {
     /// Reads and validates `config.json`.
     pub fn from_file(path: &Path) -> Result<Self, ModelError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let config: Self = serde_json::from_str(&text).map_err(|e| ModelError::Config {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-        config.validate().map_err(|e| match e {
-            ModelError::Config { message, .. } => ModelError::Config {
-                path: path.to_path_buf(),
-                message,
-            },
-            other => other,
-        })?;
-        Ok(config)
+        read_validated(path, Self::validate)
     }
 
     /// Refuses every setting the forward pass does not implement.
@@ -258,6 +243,27 @@ impl ModelConfig {
         }))
         .expect("the built-in 1B config is valid JSON for ModelConfig. This is a bug.")
     }
+}
+
+/// Reads a `config.json` into `T` and checks it with `validate`; errors name the file.
+pub(crate) fn read_validated<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    validate: impl FnOnce(&T) -> Result<(), ModelError>,
+) -> Result<T, ModelError> {
+    let in_file = |message: String| ModelError::Config {
+        path: path.to_path_buf(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let config: T = serde_json::from_str(&text).map_err(|e| in_file(e.to_string()))?;
+    validate(&config).map_err(|e| match e {
+        ModelError::Config { message, .. } => in_file(message),
+        other => other,
+    })?;
+    Ok(config)
 }
 
 #[cfg(test)]

@@ -80,22 +80,7 @@ fn default_hidden_act() -> String {
 impl Qwen3Config {
     /// Reads and validates `config.json`.
     pub fn from_file(path: &std::path::Path) -> Result<Self, ModelError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let config: Self = serde_json::from_str(&text).map_err(|e| ModelError::Config {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-        config.validate().map_err(|e| match e {
-            ModelError::Config { message, .. } => ModelError::Config {
-                path: path.to_path_buf(),
-                message,
-            },
-            other => other,
-        })?;
-        Ok(config)
+        crate::model::config::read_validated(path, Self::validate)
     }
 
     /// Refuses every setting the forward pass does not implement, naming it.
