@@ -431,7 +431,8 @@ def main():
     s.add_argument("--threads", type=int, default=2)
     s.add_argument("--max-length", type=int, default=512)
     args = p.parse_args()
-    dict(export=export, bench=bench, serve=serve, **{"export-encoder": export_encoder})[args.command](args)
+    commands = {"export": export, "export-encoder": export_encoder, "bench": bench, "serve": serve}
+    commands[args.command](args)
 
 
 if __name__ == "__main__":
