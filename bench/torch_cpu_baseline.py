@@ -1,6 +1,6 @@
 """PyTorch CPU baseline for `rerank bench` on the same model and the same requests.
 
-Three commands:
+Four commands:
 
 * ``export DIR --tokenizer tokenizer.json``: writes a random llama_bidirec checkpoint in Hugging Face
   layout (config.json, model.safetensors, tokenizer.json) that `rerank bench --model DIR` loads. The
@@ -20,6 +20,24 @@ Three commands:
   requests are tokenized on uvicorn's thread pool, one forward at a time behind the lock).
   `rerank bench --mode http --url http://127.0.0.1:P` drives it (bench/cpu.sh does).
 
+* ``export-encoder {minilm,bge-base} DIR``: writes a random full-size encoder cross-encoder in
+  Hugging Face layout (``save_pretrained``: config.json, model.safetensors, tokenizer.json,
+  tokenizer_config.json, special_tokens_map.json): ``minilm`` is cross-encoder/ms-marco-MiniLM-L-6-v2's
+  config (BertForSequenceClassification, hidden 384, 6 layers, 12 heads, intermediate 1536, vocab
+  30522), ``bge-base`` is BAAI/bge-reranker-base's (XLMRobertaForSequenceClassification, hidden 768,
+  12 layers, 12 heads, intermediate 3072, vocab 250002). No real tokenizer can be downloaded, so one
+  is trained with the family's pipeline (tests/fixtures/make_golden_families.py's trainers: BERT
+  WordPiece uncased ``[CLS] $A [SEP] $B:1 [SEP]:1``, XLM-R Unigram/Metaspace
+  ``<s> $A </s> </s> $B </s>``) on the benchmark's own words and the fixtures' corpus; its vocabulary
+  is smaller than the config's, which only changes which embedding rows are read.
+
+``bench`` and ``serve`` pick the hot path from the checkpoint's ``model_type``: ``llama_bidirec`` gets
+the seed service's (above); any other model gets sentence-transformers' CrossEncoder's
+(``CrossEncoderHotPath``: ``AutoTokenizer`` + ``AutoModelForSequenceClassification`` fp32, the
+request's pairs as one batch ``tokenizer(queries, docs, truncation=True, max_length=512,
+padding=True)``, ``logits[:, 0]``). ``--documents/--min-tokens/--max-tokens`` shape the requests as
+`rerank bench --workload custom` does (default: the seed shape).
+
 ``--scores-out FILE`` writes the scores of the first ``--check-requests`` measured requests, so a
 caller can compare them with `rerank score` (bench/cpu.sh does).
 """
@@ -32,6 +50,18 @@ import time
 
 MID = dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6,
            num_key_value_heads=2, head_dim=64)
+
+# Full-size configs of the two encoder rerankers people serve on CPUs (random weights).
+ENCODERS = {
+    "minilm": ("bert", dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                            intermediate_size=1536, vocab_size=30522, max_position_embeddings=512,
+                            type_vocab_size=2, layer_norm_eps=1e-12, pad_token_id=0)),
+    "bge-base": ("xlm-roberta", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                     intermediate_size=3072, vocab_size=250002,
+                                     max_position_embeddings=514, type_vocab_size=1,
+                                     layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=0,
+                                     eos_token_id=2)),
+}
 
 WORDS = ["the", "of", "and", "to", "in", "is", "for", "that", "with", "on", "as", "by", "this",
          "from", "at", "are", "was", "be", "or", "an", "it", "not", "which", "have"]
@@ -148,6 +178,61 @@ def export(args):
     print(json.dumps({"exported": args.dir, "params": sum(t.numel() for t in tensors.values())}))
 
 
+def whole_word_pieces(tok, words):
+    """Adds ``▁word`` pieces to a trained Unigram tokenizer. On a corpus this small the trainer keeps
+    only ~300 short pieces, so English words would split into 3–6 tokens; XLM-R's real 250k
+    SentencePiece vocabulary has common words whole, and so the benchmark's token counts match."""
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tok.to_str())
+    have = {piece for piece, _ in spec["model"]["vocab"]}
+    spec["model"]["vocab"] += [["\u2581" + w, -2.0] for w in words if "\u2581" + w not in have]
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+def export_encoder(args):
+    """A random full-size encoder cross-encoder plus a trained tokenizer of its family."""
+    import sys
+
+    import torch
+    from transformers import (BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast,
+                              XLMRobertaConfig, XLMRobertaForSequenceClassification)
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests",
+                                    "fixtures"))
+    import make_golden_families as fam
+
+    family, shape = ENCODERS[args.name]
+    # The benchmark's words and queries plus the fixtures' multilingual corpus: every benchmark
+    # word is one token, as in the real vocabularies.
+    words = WORDS + "benchmark query number".split()
+    corpus = fam.CORPUS + [" ".join(WORDS)] * 20 + [f"benchmark query number {i}" for i in range(100)]
+    torch.manual_seed(args.seed)
+    if family == "bert":
+        raw = fam.train_bert_tokenizer(corpus, shape["vocab_size"])
+        tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", sep_token="[SEP]",
+                                      pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]",
+                                      model_max_length=512)
+        model = BertForSequenceClassification(BertConfig(num_labels=1, hidden_act="gelu", **shape))
+        head = model.classifier
+    else:
+        raw = whole_word_pieces(fam.train_xlmr_tokenizer(corpus, shape["vocab_size"]), words)
+        tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>",
+                                      unk_token="<unk>", sep_token="</s>", pad_token="<pad>",
+                                      cls_token="<s>", mask_token="<mask>", model_max_length=512)
+        model = XLMRobertaForSequenceClassification(
+            XLMRobertaConfig(num_labels=1, hidden_act="gelu", **shape))
+        head = model.classifier.out_proj
+    assert raw.token_to_id(tok.pad_token) == shape["pad_token_id"]
+    with torch.no_grad():
+        head.weight.normal_(0.0, 1.0)  # scores spread over units, so |Δ| has a scale
+    model.eval()
+    model.save_pretrained(args.dir, safe_serialization=True)
+    tok.save_pretrained(args.dir)
+    print(json.dumps({"exported": args.dir, "family": family, "tokenizer_vocab": raw.get_vocab_size(),
+                      "params": sum(p.numel() for p in model.parameters())}))
+
+
 def percentile(sorted_samples, q):
     if not sorted_samples:
         return 0.0
@@ -188,11 +273,52 @@ class HotPath:
         return scores.tolist(), int(mask.sum()), int(mask.numel())
 
 
+class CrossEncoderHotPath:
+    """sentence-transformers' CrossEncoder.predict for one request: the pairs as one batch through
+    the checkpoint's own tokenizer (truncation, padded to the longest), one fp32 forward of
+    ``AutoModelForSequenceClassification`` (transformers' default attention) under ``no_grad``,
+    ``logits[:, 0]`` (raw, no activation). The lock keeps one forward at a time."""
+
+    def __init__(self, model_dir, threads, max_length):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.torch = torch
+        torch.set_num_threads(threads)
+        self.tok = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            model_dir, torch_dtype=torch.float32).eval()
+        self.attention = self.model.config._attn_implementation
+        self.max_length = max_length
+        self.lock = threading.Lock()
+
+    def __call__(self, query, docs):
+        """(scores, real tokens, padded tokens) of one request."""
+        if not docs:
+            return [], 0, 0
+        enc = self.tok([query] * len(docs), docs, truncation=True, max_length=self.max_length,
+                       padding=True, return_tensors="pt")
+        with self.lock, self.torch.no_grad():
+            logits = self.model(**enc).logits
+        mask = enc["attention_mask"]
+        return logits[:, 0].tolist(), int(mask.sum()), int(mask.numel())
+
+
+def hot_path(model_dir, threads, max_length):
+    """The seed service's hot path for llama_bidirec, CrossEncoder's for any other family."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        model_type = json.load(f).get("model_type")
+    kind = HotPath if model_type == "llama_bidirec" else CrossEncoderHotPath
+    return kind(model_dir, threads, max_length)
+
+
 def bench(args):
     import torch
 
-    handle = HotPath(args.dir, args.threads, args.max_length)
-    everything = workload(args.warmup_requests + args.requests, seed=args.seed)
+    handle = hot_path(args.dir, args.threads, args.max_length)
+    everything = workload(args.warmup_requests + args.requests, seed=args.seed,
+                          documents=args.documents, min_tokens=args.min_tokens,
+                          max_tokens=args.max_tokens)
     warmup, measured = everything[:args.warmup_requests], everything[args.warmup_requests:]
 
     def run(requests):
@@ -224,8 +350,11 @@ def bench(args):
     pairs = sum(len(r[1]) for r in results)
     real = sum(r[2] for r in results)
     padded = sum(r[3] for r in results)
+    seed_shape = (args.documents, args.min_tokens, args.max_tokens) == (15, 60, 268)
     report = dict(
-        mode="torch", workload="seed", device="cpu", dtype="f32", torch=torch.__version__,
+        mode="torch", workload="seed" if seed_shape else "custom", device="cpu", dtype="f32",
+        torch=torch.__version__, hot_path=type(handle).__name__,
+        attention=getattr(handle, "attention", "eager"), documents=args.documents,
         threads=args.threads, concurrency=args.concurrency, requests=len(results), pairs=pairs,
         real_tokens=real, seconds=seconds, requests_per_s=len(results) / seconds,
         pairs_per_s=pairs / seconds, real_tokens_per_s=real / seconds,
@@ -246,7 +375,7 @@ def serve(args):
     from fastapi import FastAPI
     from pydantic import BaseModel
 
-    handle = HotPath(args.dir, args.threads, args.max_length)
+    handle = hot_path(args.dir, args.threads, args.max_length)
     app = FastAPI()
 
     class RerankBody(BaseModel):
@@ -279,6 +408,10 @@ def main():
     e.add_argument("--layers", type=int, default=MID["num_hidden_layers"])
     e.add_argument("--heads", type=int, default=MID["num_attention_heads"])
     e.add_argument("--kv-heads", type=int, default=MID["num_key_value_heads"])
+    x = sub.add_parser("export-encoder")
+    x.add_argument("name", choices=sorted(ENCODERS))
+    x.add_argument("dir")
+    x.add_argument("--seed", type=int, default=0)
     b = sub.add_parser("bench")
     b.add_argument("dir")
     b.add_argument("--concurrency", type=int, default=1)
@@ -287,6 +420,9 @@ def main():
     b.add_argument("--seed", type=int, default=42)
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--max-length", type=int, default=512)
+    b.add_argument("--documents", type=int, default=15)
+    b.add_argument("--min-tokens", type=int, default=60)
+    b.add_argument("--max-tokens", type=int, default=268)
     b.add_argument("--scores-out")
     b.add_argument("--check-requests", type=int, default=4)
     s = sub.add_parser("serve")
@@ -295,7 +431,8 @@ def main():
     s.add_argument("--threads", type=int, default=2)
     s.add_argument("--max-length", type=int, default=512)
     args = p.parse_args()
-    dict(export=export, bench=bench, serve=serve)[args.command](args)
+    commands = {"export": export, "export-encoder": export_encoder, "bench": bench, "serve": serve}
+    commands[args.command](args)
 
 
 if __name__ == "__main__":
