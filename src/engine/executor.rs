@@ -2,8 +2,8 @@
 //!
 //! A plain `std::thread` owning the model (a [`Reranker`] of any family, and so the device). It
 //! receives batches over a channel (already formed under the real-token budget by the queue), runs
-//! one forward pass per batch (packed, without padding, for the default family; padded to the
-//! batch's longest pair for the encoder families), then hands scores to each request's accumulator.
+//! one forward pass per batch (packed without padding, or padded to the batch's longest pair for
+//! ModernBERT: the model says which), then hands scores to each request's accumulator.
 //! It never awaits and knows nothing of NATS or HTTP.
 
 use std::time::Instant;
@@ -74,10 +74,9 @@ impl Executor {
             })
             .collect();
         let result = self.model.score_sequences(&sequences);
-        // Packed (default family): the forward pass computes exactly the real tokens; the encoder
-        // families pad each batch to its longest pair inside their forward.
+        let computed = self.model.computed_tokens(&sequences);
         self.metrics
-            .observe_batch(pairs.len(), real, real, started.elapsed());
+            .observe_batch(pairs.len(), real, computed, started.elapsed());
         match result {
             Ok(scores) => {
                 for (pair, score) in pairs.iter().zip(scores) {

@@ -93,7 +93,7 @@ impl Module for Linear {
 }
 
 /// Several checkpoint projections of the same input as one: their `W^T` side by side, (in, Σ out).
-fn fused_linear(
+pub(crate) fn fused_linear(
     vb: &VarBuilder,
     parts: &[(&str, usize)],
     in_dim: usize,
@@ -107,7 +107,7 @@ fn fused_linear(
     })
 }
 
-fn linear(vb: VarBuilder, in_dim: usize, out_dim: usize) -> candle_core::Result<Linear> {
+pub(crate) fn linear(vb: VarBuilder, in_dim: usize, out_dim: usize) -> candle_core::Result<Linear> {
     let weight = vb.get_with_hints(
         (out_dim, in_dim),
         "weight",
@@ -210,7 +210,8 @@ impl Attention {
                 kv_heads,
                 head_dim,
                 scale: scale as f32,
-                rotary: rows,
+                rotary: Some(rows),
+                bias: None,
                 mask: self.mask,
             })?,
             BatchRotary::PerToken { cos, sin } => {

@@ -3,6 +3,7 @@
 //! Knows nothing of NATS, HTTP, queues or wire formats; takes a device and a dtype from its caller.
 
 mod attention;
+mod bert_encoder;
 mod config;
 mod cpu_kernels;
 mod cross_encoder;

@@ -12,8 +12,8 @@
 //! | family | `model_type` / architecture | forward | pair encoding |
 //! |---|---|---|---|
 //! | [`Family::LlamaBidirec`] (default) | `llama_bidirec` | our packed forward (`cross_encoder.rs`) | prompt template (`tokenizer.rs`) |
-//! | [`Family::Bert`] | `bert` / `BertForSequenceClassification` | candle-transformers `BertModel`, our pooler and classifier ([`bert`]) | `[CLS] q [SEP] d [SEP]`, token types 0/1 ([`segment_pairs`]) |
-//! | [`Family::XlmRoberta`] | `xlm-roberta` / `XLMRobertaForSequenceClassification` | candle-transformers ([`xlm_roberta`]) | `<s> q </s></s> d </s>` ([`segment_pairs`]) |
+//! | [`Family::Bert`] | `bert` / `BertForSequenceClassification` | our packed BERT encoder, pooler and classifier ([`bert`]) | `[CLS] q [SEP] d [SEP]`, token types 0/1 ([`segment_pairs`]) |
+//! | [`Family::XlmRoberta`] | `xlm-roberta` / `XLMRobertaForSequenceClassification` | the same encoder with RoBERTa's names and positions ([`xlm_roberta`]) | `<s> q </s></s> d </s>` ([`segment_pairs`]) |
 //! | [`Family::ModernBert`] | `modernbert` / `ModernBertForSequenceClassification` | candle-transformers `ModernBert` encoder, our pooling, head and classifier ([`modernbert`]) | `[CLS] q [SEP] d [SEP]`, no token types ([`segment_pairs`]) |
 //! | [`Family::Qwen3`] | `qwen3` / `Qwen3ForCausalLM` (Qwen3-Reranker) | our packed forward, causal, logit("yes") − logit("no") at the last token ([`qwen3`]) | the model card's chat prompt with an instruction ([`qwen3_prompt`]) |
 
@@ -138,6 +138,12 @@ impl<'a> SequenceRef<'a> {
 pub trait Reranker: Send {
     /// One raw logit per sequence, in order; a sequence scores the same alone or in any batch.
     fn score_sequences(&self, sequences: &[SequenceRef<'_>]) -> candle_core::Result<Vec<f32>>;
+    /// The token positions one forward pass over `sequences` computes: their real tokens for the
+    /// packed families (the default), `sequences × longest` for a family that pads its batches.
+    /// The engine reports it as `rerank_batch_padded_tokens`.
+    fn computed_tokens(&self, sequences: &[SequenceRef<'_>]) -> usize {
+        sequences.iter().map(|s| s.ids.len()).sum()
+    }
     /// Longest sequence the model was loaded for.
     fn max_positions(&self) -> usize;
     fn device(&self) -> &Device;
@@ -225,12 +231,12 @@ pub fn load_with(
             (Box::new(model), Box::new(encoder))
         }
         Family::Bert => {
-            let model = bert::BertReranker::load(files, dtype, device, max_length)?;
+            let model = bert::BertStyleReranker::load_bert(files, dtype, device, max_length)?;
             let encoder = SegmentPairTokenizer::from_file(tokenizer, max_length, family.name())?;
             (Box::new(model), Box::new(encoder))
         }
         Family::XlmRoberta => {
-            let model = xlm_roberta::XlmRobertaReranker::load(files, dtype, device, max_length)?;
+            let model = xlm_roberta::load(files, dtype, device, max_length)?;
             let encoder = SegmentPairTokenizer::from_file(tokenizer, max_length, family.name())?;
             (Box::new(model), Box::new(encoder))
         }
@@ -298,7 +304,7 @@ fn read_config<T: serde::de::DeserializeOwned>(
 }
 
 /// Pads `sequences` on the right to the longest into (batch, longest) `input_ids`, `token_type_ids`
-/// and `attention_mask` (u32) on `device`: the encoder families run padded batches.
+/// and `attention_mask` (u32) on `device`: ModernBERT runs padded batches.
 fn padded_batch(
     sequences: &[SequenceRef<'_>],
     pad_id: u32,

@@ -325,6 +325,11 @@ impl Reranker for ModernBertReranker {
         let logits = self.classifier.forward(&head)?;
         logits.squeeze(1)?.to_dtype(DType::F32)?.to_vec1::<f32>()
     }
+    /// Every sequence padded to the longest.
+    fn computed_tokens(&self, sequences: &[SequenceRef<'_>]) -> usize {
+        let longest = sequences.iter().map(|s| s.ids.len()).max().unwrap_or(0);
+        sequences.len() * longest
+    }
     fn max_positions(&self) -> usize {
         self.max_positions
     }
