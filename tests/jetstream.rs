@@ -16,7 +16,7 @@ use futures::StreamExt;
 use rerank_service::client::{RerankClient, RerankErrorKind};
 use rerank_service::jobs::{JobStream, DEFAULT_CONSUMER, DEFAULT_JOBS_SUBJECT, DEFAULT_STREAM};
 use rerank_service::wire::{self, ErrorCode, ReplyBody, RerankRequest};
-use stack::{nats_connect, post, Sidecar};
+use stack::{get, nats_connect, post, Sidecar};
 
 /// Worker flags for these tests: a short ack_wait so a dead worker's jobs come back quickly.
 const JS_WORKER: &[&str] = &["--intake", "jetstream", "--ack-wait", "2"];
@@ -858,6 +858,16 @@ async fn two_models_each_have_a_durable_queue_and_scale_from_zero() {
         .expect("wait");
     assert_eq!(code, Some(0));
     let sidecar = jetstream_sidecar(nats.url()).await;
+    // Listed all the same, from its consumer: no workers now.
+    let list = get(&sidecar.url("/v1/models"), None).await;
+    assert_eq!(list.status, 200, "{}", list.text);
+    let listed: Vec<(String, u64)> = list.json()["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|m| (m["id"].as_str().expect("id").to_string(), m["workers"].as_u64().expect("workers")))
+        .collect();
+    assert_eq!(listed, [(ALPHA.to_string(), 1), (BETA.to_string(), 0)], "{}", list.text);
     let url = sidecar.url("/v1/rerank");
     let over_http = tokio::spawn(async move { post(&url, &cohere(Some(BETA)), None).await });
     let over_client = tokio::spawn(async move { beta_client.rerank("q", ["a", "b"]).await });

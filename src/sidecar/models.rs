@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::client::{RerankClient, RerankError, WorkerInfo};
-use crate::jobs::{subject_covers, JobConsumers, TakenJobs};
+use crate::jobs::{subject_covers, JobConsumers, TakenJobs, DEFAULT_CONSUMER};
 use crate::wire::ErrorCode;
 
 use super::error::ApiError;
@@ -188,12 +188,13 @@ impl Models {
             .unwrap_or_default()
             .as_secs();
         let mut catalog = self.lock();
-        let mut models = merge(&workers);
-        for model in &mut models {
-            model.first_seen = *catalog.first_seen.entry(model.id.clone()).or_insert(now);
-        }
         if let Some(taken) = taken {
             catalog.taken = taken;
+        }
+        let mut models = merge(&workers);
+        add_queued(&mut models, &catalog.taken);
+        for model in &mut models {
+            model.first_seen = *catalog.first_seen.entry(model.id.clone()).or_insert(now);
         }
         catalog.models = models.clone();
         catalog.fetched = Some(Instant::now());
@@ -257,8 +258,31 @@ pub fn merge(workers: &[WorkerInfo]) -> Vec<ServedModel> {
             model
         })
         .collect();
-    models.sort_by(|a, b| b.default.cmp(&a.default).then_with(|| a.id.cmp(&b.id)));
+    add_queued(&mut models, &[]);
     models
+}
+
+/// Adds the models whose pool takes jobs from the stream but runs no worker now (scaled to zero),
+/// named by their consumers' metadata: 0 workers, no devices, family unknown; the default model's
+/// pool is the one on [`DEFAULT_CONSUMER`]. The list stays default first, then by id.
+fn add_queued(models: &mut Vec<ServedModel>, taken: &[TakenJobs]) {
+    for queue in taken {
+        let Some(id) = queue.model.as_deref() else {
+            continue;
+        };
+        if models.iter().any(|m| m.id == id) {
+            continue;
+        }
+        models.push(ServedModel {
+            id: id.to_string(),
+            family: None,
+            default: queue.consumer == DEFAULT_CONSUMER,
+            workers: 0,
+            devices: Vec::new(),
+            first_seen: 0,
+        });
+    }
+    models.sort_by(|a, b| b.default.cmp(&a.default).then_with(|| a.id.cmp(&b.id)));
 }
 
 /// Longest part of an unknown `model` echoed in the error (the field is the caller's, of any size).
@@ -365,5 +389,31 @@ mod tests {
         );
         let long = not_served(&"é".repeat(1 << 20), &served, &[]);
         assert!(long.message.len() < 1024, "{}", long.message.len());
+    }
+
+    /// Pools scaled to zero are listed from their consumers (0 workers), after the served
+    /// models unless theirs is the default consumer; a consumer without a model is skipped.
+    #[test]
+    fn queued_models_are_listed_with_no_workers() {
+        let queue = |consumer: &str, model: Option<&str>| TakenJobs {
+            consumer: consumer.into(),
+            model: model.map(Into::into),
+            subjects: Vec::new(),
+        };
+        let mut models = merge(&[worker("b", false, "cpu")]);
+        add_queued(
+            &mut models,
+            &[
+                queue("rerank-workers-c", Some("c")),
+                queue("rerank-workers-b", Some("b")),
+                queue(DEFAULT_CONSUMER, Some("a")),
+                queue("old", None),
+            ],
+        );
+        let listed: Vec<(&str, bool, usize)> = models
+            .iter()
+            .map(|m| (m.id.as_str(), m.default, m.workers))
+            .collect();
+        assert_eq!(listed, [("a", true, 0), ("b", false, 1), ("c", false, 0)]);
     }
 }

@@ -3,7 +3,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use rayon::prelude::*;
 
-use super::{contiguous_f32, exp, SharedOut};
+use super::{contiguous_f32, exp, SharedOut, LANES};
 use crate::model::attention::AttentionMask;
 
 /// Rotary tables as plain rows, `(positions, head_dim / 2)` each, in f32.
@@ -252,9 +252,8 @@ impl PackedSelfAttention<'_> {
 /// Numerically stable softmax of one row, in place.
 #[inline(always)]
 fn softmax_row(row: &mut [f32]) {
-    // Eight independent lanes, so the reductions vectorize (float addition is not reassociated).
-    let mut lanes = [f32::NEG_INFINITY; 8];
-    let mut chunks = row.chunks_exact(8);
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
     for chunk in &mut chunks {
         for (lane, &x) in lanes.iter_mut().zip(chunk) {
             *lane = lane.max(x);
@@ -266,8 +265,8 @@ fn softmax_row(row: &mut [f32]) {
         .chain(&lanes)
         .copied()
         .fold(f32::NEG_INFINITY, f32::max);
-    let mut sums = [0f32; 8];
-    let mut chunks = row.chunks_exact_mut(8);
+    let mut sums = [0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
     for chunk in &mut chunks {
         for (sum, x) in sums.iter_mut().zip(chunk) {
             *x = exp(*x - max);
@@ -285,7 +284,7 @@ fn softmax_row(row: &mut [f32]) {
     }
 }
 
-dispatch_avx2! {
+dispatch_simd! {
     fn softmax_in_place(row: &mut [f32]) => softmax_row;
 }
 

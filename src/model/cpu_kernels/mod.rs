@@ -21,17 +21,30 @@
 
 use candle_core::{CpuStorage, Layout};
 
+/// Independent accumulators in the kernels' reductions, so they vectorize (float addition is not
+/// reassociated): one AVX-512 register, or two AVX2 ones.
+const LANES: usize = 16;
+
 /// Defines each `fn name(args)` as a call of the `#[inline(always)]` row function `body`, compiled
-/// for AVX2 (8 lanes instead of SSE2's 4) when the CPU has it, else for the baseline: the body is
-/// inlined into each copy, so each is compiled with its own target features.
-macro_rules! dispatch_avx2 {
+/// for AVX-512 (16 lanes) or AVX2 (8) when the CPU has them, else for the baseline (SSE2's 4): the
+/// body is inlined into each copy, so each is compiled with its own target features.
+macro_rules! dispatch_simd {
     ($(fn $name:ident($($arg:ident: $ty:ty),*) => $body:ident;)*) => {$(
         fn $name($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn with_avx512($($arg: $ty),*) {
+                    $body($($arg),*)
+                }
                 #[target_feature(enable = "avx2")]
                 unsafe fn with_avx2($($arg: $ty),*) {
                     $body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU was just checked to support AVX-512F.
+                    unsafe { with_avx512($($arg),*) };
+                    return;
                 }
                 if std::arch::is_x86_feature_detected!("avx2") {
                     // SAFETY: the CPU was just checked to support AVX2.

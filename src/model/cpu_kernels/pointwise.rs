@@ -5,7 +5,7 @@
 use candle_core::{CpuStorage, CustomOp1, InplaceOp1, InplaceOp2, Layout, Shape};
 use rayon::prelude::*;
 
-use super::{contiguous_f32, exp};
+use super::{contiguous_f32, exp, LANES};
 use crate::model::bert_encoder::Activation;
 
 /// `silu(gate) * up` over the fused gate/up projection: `(tokens, 2·I)` → `(tokens, I)`, each input
@@ -174,26 +174,31 @@ fn residual_layer_norm_row(
     beta: &[f32],
     eps: f32,
 ) {
-    // Eight independent lanes, so the reductions vectorize (float addition is not reassociated).
-    let mut sums = [0f32; 8];
-    for (i, ((x, r), b)) in row.iter_mut().zip(residual).zip(bias).enumerate() {
+    for ((x, r), b) in row.iter_mut().zip(residual).zip(bias) {
         *x += b + r;
-        sums[i % 8] += *x;
     }
-    let mean = sums.iter().sum::<f32>() / row.len() as f32;
-    let mut squares = [0f32; 8];
-    for (i, x) in row.iter().enumerate() {
-        let centred = x - mean;
-        squares[i % 8] += centred * centred;
-    }
-    let variance = squares.iter().sum::<f32>() / row.len() as f32;
+    let mean = lane_sum(row, |x| x) / row.len() as f32;
+    let variance = lane_sum(row, |x| (x - mean) * (x - mean)) / row.len() as f32;
     let inv_std = 1.0 / (variance + eps).sqrt();
     for ((x, w), b) in row.iter_mut().zip(weight).zip(beta) {
         *x = (*x - mean) * inv_std * w + b;
     }
 }
 
-dispatch_avx2! {
+/// `Σ f(x)` over the row in [`LANES`] independent sums, so it vectorizes.
+#[inline(always)]
+fn lane_sum(row: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut sums = [0f32; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (sum, &x) in sums.iter_mut().zip(chunk) {
+            *sum += f(x);
+        }
+    }
+    chunks.remainder().iter().map(|&x| f(x)).sum::<f32>() + sums.iter().sum::<f32>()
+}
+
+dispatch_simd! {
     fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) => swiglu_row;
     fn bias_gelu_erf(row: &mut [f32], bias: &[f32]) => bias_gelu_erf_row;
     fn bias_gelu_tanh(row: &mut [f32], bias: &[f32]) => bias_gelu_tanh_row;

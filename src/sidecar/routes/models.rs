@@ -1,6 +1,7 @@
 //! `GET /v1/models`: what the pool serves, as an OpenAI-style model list (what vLLM, TEI's
-//! OpenAI front and Infinity answer), built from NATS service discovery (see
-//! [`crate::sidecar::models`]).
+//! OpenAI front and Infinity answer), built from NATS service discovery and, with the JetStream
+//! transport, the job stream's consumers (see [`crate::sidecar::models`]): a pool scaled to zero is
+//! listed with `workers: 0`.
 //!
 //! `{"object": "list", "data": [{"id", "object": "model", "created", "owned_by", "family",
 //! "default", "workers", "devices"}]}`: the default model first, then by id. `created` is when this
@@ -25,7 +26,7 @@ pub struct ModelCard {
     pub id: String,
     /// Always `model`.
     pub object: String,
-    /// Unix seconds when this sidecar first saw a worker serving it.
+    /// Unix seconds when this sidecar first saw it (a worker serving it, or its consumer).
     pub created: u64,
     /// Always `rerank-service`.
     pub owned_by: String,
@@ -34,7 +35,8 @@ pub struct ModelCard {
     pub family: Option<String>,
     /// Whether requests without `model` go to it.
     pub default: bool,
-    /// Workers serving it that answered discovery.
+    /// Workers serving it that answered discovery (0: its pool is scaled to zero; its jobs wait in
+    /// the stream until a worker starts).
     pub workers: usize,
     /// Their devices (`cpu`, `cuda:0`...).
     pub devices: Vec<String>,
