@@ -219,10 +219,25 @@ fn every_family_matches_transformers() {
 fn each_family_reports_the_tokens_its_forward_pass_computes() {
     let (short, long) = ([2u32, 5, 3], [2u32, 5, 6, 7, 8, 9, 3]);
     let sequences = [SequenceRef::single(&short), SequenceRef::single(&long)];
-    for (dir, computed) in [("bert-tiny", 10), ("xlmr-tiny", 10), ("modernbert-tiny", 14)] {
+    for (dir, computed) in [
+        ("bert-tiny", 10),
+        ("xlmr-tiny", 10),
+        ("modernbert-tiny", 14),
+    ] {
         let loaded = load(dir, 64);
-        assert_eq!(loaded.reranker.computed_tokens(&sequences), computed, "{dir}");
-        assert_eq!(loaded.reranker.score_sequences(&sequences).expect("scores").len(), 2);
+        assert_eq!(
+            loaded.reranker.computed_tokens(&sequences),
+            computed,
+            "{dir}"
+        );
+        assert_eq!(
+            loaded
+                .reranker
+                .score_sequences(&sequences)
+                .expect("scores")
+                .len(),
+            2
+        );
     }
 }
 

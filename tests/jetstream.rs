@@ -706,6 +706,8 @@ async fn a_cluster_node_killed_under_load_loses_nothing() {
 const ALPHA: &str = "org/alpha-1.0";
 /// A second model, not the default.
 const BETA: &str = "beta_model";
+/// A model whose queue `rerank queue` makes before any worker of it runs.
+const GAMMA: &str = "gamma";
 
 /// Every consumer of the job stream: name → filter subjects.
 async fn consumer_filters(
@@ -865,9 +867,19 @@ async fn two_models_each_have_a_durable_queue_and_scale_from_zero() {
         .as_array()
         .expect("data")
         .iter()
-        .map(|m| (m["id"].as_str().expect("id").to_string(), m["workers"].as_u64().expect("workers")))
+        .map(|m| {
+            (
+                m["id"].as_str().expect("id").to_string(),
+                m["workers"].as_u64().expect("workers"),
+            )
+        })
         .collect();
-    assert_eq!(listed, [(ALPHA.to_string(), 1), (BETA.to_string(), 0)], "{}", list.text);
+    assert_eq!(
+        listed,
+        [(ALPHA.to_string(), 1), (BETA.to_string(), 0)],
+        "{}",
+        list.text
+    );
     let url = sidecar.url("/v1/rerank");
     let over_http = tokio::spawn(async move { post(&url, &cohere(Some(BETA)), None).await });
     let over_client = tokio::spawn(async move { beta_client.rerank("q", ["a", "b"]).await });
@@ -888,6 +900,66 @@ async fn two_models_each_have_a_durable_queue_and_scale_from_zero() {
     assert_eq!(result.scores.len(), 2);
     assert_eq!(worker_metric(&beta, "rerank_requests_total"), 2.0);
     assert_eq!(worker_metric(&alpha, "rerank_requests_total"), 2.0);
+    sidecar.stop().await;
+
+    // A new pool that has never run a worker: `rerank queue` makes its consumer, after which its
+    // model is listed (no workers), its request waits in the stream, and its first worker
+    // answers it.
+    let out = std::process::Command::new(common::rerank_bin())
+        .args(["queue", "--model", GAMMA, "--default-model", "false"])
+        .args(["--nats-url", &nats.url()])
+        .output()
+        .expect("rerank queue runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let made: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(
+        made["consumer"],
+        format!("{DEFAULT_CONSUMER}-gamma"),
+        "{made}"
+    );
+    assert_eq!(
+        made["subjects"],
+        serde_json::json!(["rerank.jobs.v1.model.gamma"]),
+        "{made}"
+    );
+    let sidecar = jetstream_sidecar(nats.url()).await;
+    let list = get(&sidecar.url("/v1/models"), None).await;
+    assert!(
+        list.json()["data"]
+            .as_array()
+            .expect("data")
+            .iter()
+            .any(|m| m["id"] == GAMMA && m["workers"] == 0),
+        "{}",
+        list.text
+    );
+    let url = sidecar.url("/v1/rerank");
+    let over_http = tokio::spawn(async move { post(&url, &cohere(Some(GAMMA)), None).await });
+    wait_until("gamma's job waits in the stream", || async move {
+        stream_messages(js).await == 1
+    })
+    .await;
+    let gamma = start_model_worker(&nats.url(), GAMMA, false).await;
+    let answer = within(LIMIT, "gamma's job", over_http).await.expect("task");
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    assert_eq!(answer.json()["model"], GAMMA);
+    assert_eq!(worker_metric(&gamma, "rerank_requests_total"), 1.0);
+    // Run again (every helm upgrade does): the same queue, nothing changed.
+    let again = std::process::Command::new(common::rerank_bin())
+        .args(["queue", "--model", GAMMA, "--default-model", "false"])
+        .args(["--nats-url", &nats.url()])
+        .output()
+        .expect("rerank queue runs");
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(again.stdout, out.stdout);
     sidecar.stop().await;
 }
 

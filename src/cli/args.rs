@@ -393,12 +393,9 @@ pub enum IntakeKind {
     Jetstream,
 }
 
-/// How a worker takes requests.
+/// A model's durable consumer on the job stream: what workers pull from and `rerank queue` creates.
 #[derive(Debug, Clone, Args)]
-pub struct IntakeArgs {
-    /// `core` (request-reply on --subject) or `jetstream` (pull jobs from --stream).
-    #[arg(long, env = "RERANK_INTAKE", value_enum, default_value_t = IntakeKind::Core)]
-    pub intake: IntakeKind,
+pub struct JobQueueArgs {
     /// Durable pull consumer of the default model's workers (JetStream intake); every other
     /// model's workers share `<consumer>-<token>`, `<token>` being the model id as in its subject.
     #[arg(long, env = "RERANK_CONSUMER", default_value = crate::jobs::DEFAULT_CONSUMER)]
@@ -411,11 +408,36 @@ pub struct IntakeArgs {
     /// (used when the consumer is created).
     #[arg(long, env = "RERANK_MAX_DELIVER", default_value_t = crate::jobs::DEFAULT_MAX_DELIVER)]
     pub max_deliver: i64,
+    #[command(flatten)]
+    pub jobs: JobStreamArgs,
+}
+
+impl JobQueueArgs {
+    pub fn to_consumer(&self) -> anyhow::Result<crate::jobs::JobConsumer> {
+        anyhow::ensure!(self.ack_wait > 0, "--ack-wait must be positive");
+        anyhow::ensure!(
+            self.max_deliver == -1 || self.max_deliver >= 2,
+            "--max-deliver must be at least 2 (or -1 for unlimited)"
+        );
+        Ok(crate::jobs::JobConsumer {
+            name: self.consumer.clone(),
+            ack_wait: std::time::Duration::from_secs(self.ack_wait),
+            max_deliver: self.max_deliver,
+        })
+    }
+}
+
+/// How a worker takes requests.
+#[derive(Debug, Clone, Args)]
+pub struct IntakeArgs {
+    /// `core` (request-reply on --subject) or `jetstream` (pull jobs from --stream).
+    #[arg(long, env = "RERANK_INTAKE", value_enum, default_value_t = IntakeKind::Core)]
+    pub intake: IntakeKind,
     /// Jobs this worker holds at once (pulled, not yet answered); the rest wait in the stream.
     #[arg(long, env = "RERANK_MAX_PULLED_JOBS", default_value_t = crate::jobs::DEFAULT_MAX_PULLED_JOBS)]
     pub max_pulled_jobs: usize,
     #[command(flatten)]
-    pub jobs: JobStreamArgs,
+    pub queue: JobQueueArgs,
 }
 
 impl IntakeArgs {
@@ -425,18 +447,9 @@ impl IntakeArgs {
                 queue_group: queue_group.to_string(),
             },
             IntakeKind::Jetstream => {
-                anyhow::ensure!(self.ack_wait > 0, "--ack-wait must be positive");
-                anyhow::ensure!(
-                    self.max_deliver == -1 || self.max_deliver >= 2,
-                    "--max-deliver must be at least 2 (or -1 for unlimited)"
-                );
                 crate::worker::Intake::JetStream(crate::worker::JetStreamSettings {
-                    stream: self.jobs.to_stream(),
-                    consumer: crate::jobs::JobConsumer {
-                        name: self.consumer.clone(),
-                        ack_wait: std::time::Duration::from_secs(self.ack_wait),
-                        max_deliver: self.max_deliver,
-                    },
+                    stream: self.queue.jobs.to_stream(),
+                    consumer: self.queue.to_consumer()?,
                     max_pulled_jobs: self.max_pulled_jobs.max(1),
                 })
             }

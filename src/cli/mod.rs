@@ -5,6 +5,7 @@ pub mod bench;
 pub mod download;
 pub mod load;
 pub mod loadgen;
+pub mod queue;
 pub mod score;
 pub mod serve;
 pub mod sidecar;
@@ -37,6 +38,9 @@ pub enum Command {
     Sidecar(sidecar::SidecarArgs),
     /// A worker and the sidecar in one process (starts a local nats-server when none is up).
     Serve(serve::ServeArgs),
+    /// Create a model's JetStream job queue (stream and durable consumer) and exit, so its pool
+    /// can start at zero workers.
+    Queue(queue::QueueArgs),
 }
 
 impl Cli {
@@ -51,6 +55,14 @@ impl Cli {
                     false,
                 )?;
                 loadgen::run(args).await
+            }
+            Command::Queue(args) => {
+                let _guard = crate::telemetry::init(
+                    "rerank-queue",
+                    crate::telemetry::LogFormat::Text,
+                    false,
+                )?;
+                queue::run(args).await
             }
             Command::Download(args) => {
                 let _guard = crate::telemetry::init(

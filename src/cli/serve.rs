@@ -52,7 +52,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut sidecar_config = args.http.to_config(&args.nats, &args.http_timeouts)?;
     let jetstream = args.intake.intake == IntakeKind::Jetstream;
     if jetstream {
-        sidecar_config.jetstream = Some(args.intake.jobs.to_stream());
+        sidecar_config.jetstream = Some(args.intake.queue.jobs.to_stream());
     }
     let mut nats_server = start_nats_if_needed(&args.nats.nats_url, jetstream).await?;
 

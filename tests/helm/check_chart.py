@@ -1281,6 +1281,19 @@ def t_two_pools() -> None:
     assert "--served-model-name" not in worker_args([d for _, d in worker_pools(r2)][0])
     so = r2.get("ScaledObject", dep["metadata"]["name"])
     assert so["spec"]["triggers"][0]["metadata"]["consumer"] == "rerank-workers-Qwen_2FQwen3-Reranker-0_2E6B"
+    # Each pool's job queue is made by a hook Job before any of its workers runs (so the CPU pool
+    # can start at zero), as that pool's workers would make it; its pod is no worker.
+    jobs = {j["metadata"]["name"]: j for j in r.of_kind("Job")}
+    assert sorted(jobs) == sorted(f"{d['metadata']['name']}-queue" for _, d in pools), sorted(jobs)
+    for pool, dep in pools:
+        job = jobs[f"{dep['metadata']['name']}-queue"]
+        assert "post-install" in job["metadata"]["annotations"]["helm.sh/hook"], job["metadata"]
+        c = container(job, "queue")
+        assert c["args"] == ["queue", f"--model={pool['servedId']}", f"--default-model={str(pool['default']).lower()}"], c["args"]
+        assert c["envFrom"] == container(dep, "worker")["envFrom"][:1], c["envFrom"]
+        labels = job["spec"]["template"]["metadata"]["labels"]
+        assert labels["app.kubernetes.io/component"] == "queue", labels
+    assert not rendered("default").of_kind("Job"), "core intake: no job queue to make"
 
 
 def t_model_token_mirrors_wire() -> None:

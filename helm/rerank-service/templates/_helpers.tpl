@@ -90,6 +90,19 @@ rerank-service/pool: {{ $p.name }}
 {{- end }}
 {{- end }}
 
+{{/*
+Labels of a pool's queue Job, (list $root $pool): its own component, so that no worker selector
+(Service, PDB, NetworkPolicy, autoscaler) takes its pod for a worker.
+*/}}
+{{- define "rerank.queueJob.labels" -}}
+{{- $p := index . 1 }}
+{{ include "rerank.labels" (index . 0) }}
+app.kubernetes.io/component: queue
+{{- if $p.name }}
+rerank-service/pool: {{ $p.name }}
+{{- end }}
+{{- end }}
+
 {{- define "rerank.sidecar.labels" -}}
 {{ include "rerank.labels" . }}
 app.kubernetes.io/component: sidecar
