@@ -746,6 +746,28 @@ fn assert_no_overlap(consumers: &std::collections::BTreeMap<String, Vec<String>>
     }
 }
 
+/// `rerank queue` for `model` (not the default): what it printed.
+fn rerank_queue(url: &str, model: &str) -> serde_json::Value {
+    let out = std::process::Command::new(common::rerank_bin())
+        .args([
+            "queue",
+            "--model",
+            model,
+            "--default-model",
+            "false",
+            "--nats-url",
+            url,
+        ])
+        .output()
+        .expect("rerank queue runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON")
+}
+
 /// A JetStream worker process for `model` (the default model, or not).
 async fn start_model_worker(url: &str, model: &'static str, default: bool) -> WorkerProcess {
     let url = url.to_string();
@@ -905,17 +927,7 @@ async fn two_models_each_have_a_durable_queue_and_scale_from_zero() {
     // A new pool that has never run a worker: `rerank queue` makes its consumer, after which its
     // model is listed (no workers), its request waits in the stream, and its first worker
     // answers it.
-    let out = std::process::Command::new(common::rerank_bin())
-        .args(["queue", "--model", GAMMA, "--default-model", "false"])
-        .args(["--nats-url", &nats.url()])
-        .output()
-        .expect("rerank queue runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let made: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let made = rerank_queue(&nats.url(), GAMMA);
     assert_eq!(
         made["consumer"],
         format!("{DEFAULT_CONSUMER}-gamma"),
@@ -949,17 +961,8 @@ async fn two_models_each_have_a_durable_queue_and_scale_from_zero() {
     assert_eq!(answer.json()["model"], GAMMA);
     assert_eq!(worker_metric(&gamma, "rerank_requests_total"), 1.0);
     // Run again (every helm upgrade does): the same queue, nothing changed.
-    let again = std::process::Command::new(common::rerank_bin())
-        .args(["queue", "--model", GAMMA, "--default-model", "false"])
-        .args(["--nats-url", &nats.url()])
-        .output()
-        .expect("rerank queue runs");
-    assert!(
-        again.status.success(),
-        "{}",
-        String::from_utf8_lossy(&again.stderr)
-    );
-    assert_eq!(again.stdout, out.stdout);
+    assert_eq!(rerank_queue(&nats.url(), GAMMA), made);
+    assert_eq!(consumer_filters(js).await.len(), 3);
     sidecar.stop().await;
 }
 

@@ -470,6 +470,7 @@ impl TanhHead {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::cpu_kernels::max_abs_diff;
     use candle_core::Device;
     use candle_nn::VarMap;
 
@@ -526,16 +527,7 @@ mod tests {
                 .forward_with(&batch, &types, Kernels::Candle)
                 .unwrap();
             assert_eq!(fused.dims(), &[n, 32]);
-            let worst = (fused - reference)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let worst = max_abs_diff(&fused, &reference);
             assert!(worst < 1e-4, "{activation:?}: {worst}");
         }
     }

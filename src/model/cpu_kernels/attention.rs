@@ -325,18 +325,17 @@ mod tests {
         let qkv = Tensor::randn(0f32, 1.0, (n, width), &device).unwrap();
         let bias = Tensor::randn(0f32, 1.0, width, &device).unwrap();
         let bias_values = bias.to_vec1::<f32>().unwrap();
-        let fused = qkv
-            .apply_op1_no_bwd(&PackedSelfAttention {
-                segments: batch.segment_list(),
-                heads,
-                kv_heads: heads,
-                head_dim: d,
-                scale: 0.35,
-                rotary: None,
-                bias: Some(&bias_values),
-                mask: AttentionMask::Bidirectional,
-            })
-            .unwrap();
+        let op = |bias| PackedSelfAttention {
+            segments: batch.segment_list(),
+            heads,
+            kv_heads: heads,
+            head_dim: d,
+            scale: 0.35,
+            rotary: None,
+            bias: Some(bias),
+            mask: AttentionMask::Bidirectional,
+        };
+        let fused = qkv.apply_op1_no_bwd(&op(bias_values.as_slice())).unwrap();
         let biased = qkv.broadcast_add(&bias).unwrap();
         let part = |i: usize| {
             biased
@@ -359,17 +358,7 @@ mod tests {
         let worst = max_abs_diff(&fused, &unfused);
         assert!(worst < 1e-5, "fused vs unfused: {worst}");
         // A bias of the wrong width is refused.
-        let short = &bias_values[1..];
-        let op = PackedSelfAttention {
-            segments: batch.segment_list(),
-            heads,
-            kv_heads: heads,
-            head_dim: d,
-            scale: 0.35,
-            rotary: None,
-            bias: Some(short),
-            mask: AttentionMask::Bidirectional,
-        };
+        let op = op(&bias_values[1..]);
         assert!(qkv.apply_op1_no_bwd(&op).is_err());
     }
 

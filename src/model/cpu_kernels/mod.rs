@@ -68,7 +68,7 @@ pub use pointwise::{BiasActivation, ResidualLayerNorm, SwiGlu};
 /// exponent bits. Relative error ≲ 2 ulp on the clamped range; below −87.3 the result is the
 /// smallest normal (~1e-38) instead of a subnormal or 0, which no softmax or sigmoid here can tell.
 #[inline(always)]
-pub(crate) fn exp(x: f32) -> f32 {
+fn exp(x: f32) -> f32 {
     const LOG2_E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
@@ -94,7 +94,7 @@ pub(crate) fn exp(x: f32) -> f32 {
     e_r * f32::from_bits(biased << 23)
 }
 
-pub(crate) fn contiguous_f32<'s>(
+fn contiguous_f32<'s>(
     storage: &'s CpuStorage,
     layout: &Layout,
     op: &str,
@@ -110,12 +110,12 @@ pub(crate) fn contiguous_f32<'s>(
 
 /// The output buffer shared by the parallel tasks (each writes a disjoint region).
 #[derive(Clone, Copy)]
-pub(crate) struct SharedOut(pub(crate) *mut f32);
+struct SharedOut(*mut f32);
 
 impl SharedOut {
     /// # Safety
     /// `offset` must be inside the buffer, and no other task may touch the elements written.
-    pub(crate) unsafe fn at(self, offset: usize) -> *mut f32 {
+    unsafe fn at(self, offset: usize) -> *mut f32 {
         self.0.add(offset)
     }
 }
@@ -126,7 +126,7 @@ unsafe impl Sync for SharedOut {}
 
 /// Largest absolute element difference of two tensors of the same shape (the kernels' tests).
 #[cfg(test)]
-fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+pub(crate) fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
     (a - b)
         .unwrap()
         .abs()
