@@ -4,6 +4,10 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = rerank_service::cli::Cli::parse();
+    if cli.runs_model() {
+        // Before the runtime starts its threads: each thread that allocates first gets an arena.
+        rerank_service::engine::reuse_freed_pass_buffers();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -119,6 +119,27 @@ pub struct BenchReport {
     pub batches: Option<BatchShapes>,
     /// Engine mode only: where a request's time went, on average.
     pub time_split_ms: Option<TimeSplit>,
+    /// Engine mode only: this process's page faults during the measured run and its peak RSS.
+    pub host_memory: Option<HostMemory>,
+}
+
+/// What the host allocator cost (engine mode, `engine::reuse_freed_pass_buffers`): page faults
+/// count fresh pages touched; the peak resident set is what keeping freed pages costs.
+#[derive(Debug, Serialize)]
+pub struct HostMemory {
+    pub page_faults: i64,
+    pub peak_rss_mib: f64,
+}
+
+/// (minor + major page faults so far, peak RSS in KiB) of this process.
+fn process_usage() -> (i64, i64) {
+    // SAFETY: getrusage writes one `rusage` into the zeroed struct we own.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    (usage.ru_minflt + usage.ru_majflt, usage.ru_maxrss)
 }
 
 /// Mean milliseconds per request in each stage (engine mode): tokenization (on the blocking pool,
@@ -350,7 +371,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 metrics.batch_size.get_sample_sum(),
                 metrics.batch_padded_tokens.get_sample_sum(),
             );
+            let (faults_before, _) = process_usage();
             let (outcomes, elapsed) = run_callers(measured, args.concurrency, call).await;
+            let (faults_after, peak_rss_kib) = process_usage();
             let passes = metrics.batch_size.get_sample_count() - passes_before;
             let pairs = metrics.batch_size.get_sample_sum() - pairs_before;
             let padded = metrics.batch_padded_tokens.get_sample_sum() - padded_before;
@@ -371,6 +394,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             report.time_split_ms = Some(TimeSplit::mean_of(
                 &timings.lock().unwrap_or_else(|e| e.into_inner()),
             ));
+            report.host_memory = Some(HostMemory {
+                page_faults: faults_after - faults_before,
+                peak_rss_mib: peak_rss_kib as f64 / 1024.0,
+            });
             report
         }
         BenchMode::Http => {
@@ -544,5 +571,6 @@ fn summarize(
         padding_overhead: None,
         batches: None,
         time_split_ms: None,
+        host_memory: None,
     }
 }

@@ -44,6 +44,15 @@ pub enum Command {
 }
 
 impl Cli {
+    /// Whether the subcommand may load and run a model in this process (and so wants the host
+    /// memory policy of [`crate::engine::reuse_freed_pass_buffers`]).
+    pub fn runs_model(&self) -> bool {
+        matches!(
+            self.command,
+            Command::Score(_) | Command::Worker(_) | Command::Bench(_) | Command::Serve(_)
+        )
+    }
+
     pub async fn run(self) -> anyhow::Result<()> {
         match self.command {
             Command::Score(args) => score::run(args).await,

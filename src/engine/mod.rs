@@ -11,11 +11,13 @@
 
 mod error;
 mod executor;
+mod host_memory;
 mod metrics;
 mod queue;
 mod request;
 
 pub use error::EngineError;
+pub use host_memory::reuse_freed_pass_buffers;
 pub use metrics::EngineMetrics;
 pub use queue::{Batch, PairQueue, QueueFull, QueuedPair, QueuedSequence};
 pub use request::PendingRequest;

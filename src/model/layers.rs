@@ -17,7 +17,7 @@ use candle_nn::{Init, VarBuilder};
 
 use super::attention::{per_sequence_attention, AttentionMask};
 use super::config::ModelConfig;
-use super::cpu_kernels::{PackedSelfAttention, RotaryRows, SwiGlu};
+use super::cpu_kernels::{MatMul, PackedSelfAttention, ResidualMatMul, RotaryRows, SwiGlu};
 use super::packed::PackedBatch;
 use super::rope::RotaryTables;
 
@@ -88,8 +88,29 @@ pub struct Linear {
 impl Module for Linear {
     /// `xs`: (tokens, in) -> (tokens, out), one 2-D gemm.
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        xs.matmul(&self.weight_t)
+        if runs_cpu_kernels(xs) && xs.is_contiguous() {
+            xs.apply_op2_no_bwd(&self.weight_t, &MatMul)
+        } else {
+            xs.matmul(&self.weight_t)
+        }
     }
+}
+
+impl Linear {
+    /// `residual + xs · Wᵀ`: on the CPU in f32 one gemm that adds into a copy of the residual.
+    pub fn forward_residual(&self, xs: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
+        let fused = runs_cpu_kernels(xs) && runs_cpu_kernels(residual);
+        if fused && xs.is_contiguous() && residual.is_contiguous() {
+            residual.apply_op3_no_bwd(xs, &self.weight_t, &ResidualMatMul)
+        } else {
+            residual + xs.matmul(&self.weight_t)?
+        }
+    }
+}
+
+/// Whether a step on `xs` takes the fused CPU kernels (`cpu_kernels`, f32 only).
+fn runs_cpu_kernels(xs: &Tensor) -> bool {
+    xs.device().is_cpu() && xs.dtype() == DType::F32
 }
 
 /// Several checkpoint projections of the same input as one: their `W^T` side by side, (in, Σ out).
@@ -172,10 +193,11 @@ impl Attention {
         })
     }
 
-    /// `xs`: (tokens, hidden) packed.
+    /// `residual + attention(xs)`; `xs`: (tokens, hidden) packed, normalised.
     pub fn forward(
         &self,
         xs: &Tensor,
+        residual: &Tensor,
         rotary: &BatchRotary<'_>,
         batch: &PackedBatch,
     ) -> candle_core::Result<Tensor> {
@@ -234,7 +256,7 @@ impl Attention {
                     .reshape((n, heads * head_dim))?
             }
         };
-        self.o_proj.forward(&out)
+        self.o_proj.forward_residual(&out, residual)
     }
 }
 
@@ -257,19 +279,18 @@ impl Mlp {
             span: tracing::trace_span!("mlp"),
         })
     }
-}
 
-impl Module for Mlp {
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+    /// `residual + mlp(xs)`.
+    pub fn forward(&self, xs: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
         let _enter = self.span.enter();
         let gate_up = self.gate_up_proj.forward(xs)?;
-        let hidden = if gate_up.device().is_cpu() && gate_up.dtype() == DType::F32 {
+        let hidden = if runs_cpu_kernels(&gate_up) {
             gate_up.apply_op1_no_bwd(&SwiGlu)?
         } else {
             let gate = candle_nn::ops::silu(&gate_up.narrow(1, 0, self.intermediate)?)?;
             (gate * gate_up.narrow(1, self.intermediate, self.intermediate)?)?
         };
-        self.down_proj.forward(&hidden)
+        self.down_proj.forward_residual(&hidden, residual)
     }
 }
 
@@ -289,7 +310,7 @@ impl<'a> BatchRotary<'a> {
         xs: &Tensor,
         batch: &PackedBatch,
     ) -> candle_core::Result<Self> {
-        Ok(if xs.device().is_cpu() && xs.dtype() == DType::F32 {
+        Ok(if runs_cpu_kernels(xs) {
             BatchRotary::CpuRows(&tables.rows)
         } else {
             let (cos, sin) = tables.at(&batch.positions)?;
@@ -331,14 +352,11 @@ impl DecoderLayer {
         rotary: &BatchRotary<'_>,
         batch: &PackedBatch,
     ) -> candle_core::Result<Tensor> {
-        let attn = self
+        let xs = self
             .self_attn
-            .forward(&self.input_layernorm.forward(xs)?, rotary, batch)?;
-        let xs = (xs + attn)?;
-        let mlp = self
-            .mlp
-            .forward(&self.post_attention_layernorm.forward(&xs)?)?;
-        xs + mlp
+            .forward(&self.input_layernorm.forward(xs)?, xs, rotary, batch)?;
+        self.mlp
+            .forward(&self.post_attention_layernorm.forward(&xs)?, &xs)
     }
 }
 

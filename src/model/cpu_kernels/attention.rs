@@ -3,7 +3,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use rayon::prelude::*;
 
-use super::{contiguous_f32, exp, SharedOut, LANES};
+use super::{assume_written, contiguous_f32, exp, uninit_output, SharedOut, LANES};
 use crate::model::attention::AttentionMask;
 
 /// Rotary tables as plain rows, `(positions, head_dim / 2)` each, in f32.
@@ -75,7 +75,8 @@ impl CustomOp1 for PackedSelfAttention<'_> {
             candle_core::bail!("packed attention: segments cover {next_row} of {tokens} rows");
         }
         let out_width = heads * d;
-        let mut out = vec![0f32; tokens * out_width];
+        let len = tokens * out_width;
+        let mut out = uninit_output(len);
         let shared_out = SharedOut(out.as_mut_ptr());
         let tasks: Vec<(usize, usize, usize)> = self
             .segments
@@ -100,6 +101,10 @@ impl CustomOp1 for PackedSelfAttention<'_> {
                 }
             }
         });
+        // SAFETY: the tasks cover every (sequence, KV group) pair, the segments tile the rows
+        // (checked above) and each group's query heads cover its columns, so every element was
+        // written.
+        let out = unsafe { assume_written(out, len) };
         Ok((CpuStorage::F32(out), Shape::from((tokens, out_width))))
     }
 }

@@ -10,6 +10,8 @@
 //! - [`PackedSelfAttention`] ([`attention`]): optional bias and RoPE on Q and K, then per (sequence,
 //!   KV head) two gemms (`Q·Kᵀ`, `P·V`) on the packed rows with a row softmax in between;
 //! - [`SwiGlu`] ([`pointwise`]): `silu(gate) * up` over the fused gate/up projection;
+//! - [`MatMul`] and [`ResidualMatMul`] ([`linear`]): the linear layers' gemm without candle's zero
+//!   fill of the output, and with a decoder layer's residual add done by the gemm;
 //! - [`BiasActivation`] and [`ResidualLayerNorm`] ([`pointwise`]): a linear layer's bias with its
 //!   activation, or with the residual add and the post-LayerNorm of a BERT-style layer, in place
 //!   on the matmul's output (no new tensor).
@@ -58,9 +60,11 @@ macro_rules! dispatch_simd {
 }
 
 mod attention;
+mod linear;
 mod pointwise;
 
 pub use attention::{PackedSelfAttention, RotaryRows};
+pub use linear::{MatMul, ResidualMatMul};
 pub use pointwise::{BiasActivation, ResidualLayerNorm, SwiGlu};
 
 /// `e^x` in f32 without a libm call, so loops over it vectorize: Cody–Waite reduction
@@ -106,6 +110,24 @@ fn contiguous_f32<'s>(
         Some((from, to)) => Ok(&data[from..to]),
         None => candle_core::bail!("{op}: input must be contiguous"),
     }
+}
+
+/// Room for a kernel's output of `len` f32, not zero-filled: candle's own outputs are, by a serial
+/// memset on the engine's thread (~5 % of a llama pass's wall time, `bench/README.md`), and every
+/// kernel here writes each element anyway. Write all `len` elements through the spare capacity
+/// (raw pointers or `MaybeUninit`), then [`assume_written`].
+fn uninit_output(len: usize) -> Vec<f32> {
+    Vec::with_capacity(len)
+}
+
+/// The output of [`uninit_output`], once filled.
+///
+/// # Safety
+/// All `len` elements of `out`'s spare capacity have been written.
+unsafe fn assume_written(mut out: Vec<f32>, len: usize) -> Vec<f32> {
+    debug_assert!(out.is_empty() && out.capacity() >= len);
+    out.set_len(len);
+    out
 }
 
 /// The output buffer shared by the parallel tasks (each writes a disjoint region).

@@ -5,7 +5,9 @@
 use candle_core::{CpuStorage, CustomOp1, InplaceOp1, InplaceOp2, Layout, Shape};
 use rayon::prelude::*;
 
-use super::{contiguous_f32, exp, LANES};
+use std::mem::MaybeUninit;
+
+use super::{assume_written, contiguous_f32, exp, uninit_output, LANES};
 use crate::model::bert_encoder::Activation;
 
 /// `silu(gate) * up` over the fused gate/up projection: `(tokens, 2·I)` → `(tokens, I)`, each input
@@ -28,21 +30,25 @@ impl CustomOp1 for SwiGlu {
             candle_core::bail!("swiglu: odd row width {width}");
         }
         let inner = width / 2;
-        let mut out = vec![0f32; tokens * inner];
-        out.par_chunks_mut(inner)
+        let len = tokens * inner;
+        let mut out = uninit_output(len);
+        out.spare_capacity_mut()[..len]
+            .par_chunks_mut(inner)
             .zip(input.par_chunks(width))
             .for_each(|(dst, src)| {
                 let (gate, up) = src.split_at(inner);
                 swiglu(gate, up, dst);
             });
+        // SAFETY: the rows tile the output and swiglu writes every element of its row.
+        let out = unsafe { assume_written(out, len) };
         Ok((CpuStorage::F32(out), Shape::from((tokens, inner))))
     }
 }
 
 #[inline(always)]
-fn swiglu_row(gate: &[f32], up: &[f32], out: &mut [f32]) {
+fn swiglu_row(gate: &[f32], up: &[f32], out: &mut [MaybeUninit<f32>]) {
     for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-        *o = g / (1.0 + exp(-g)) * u;
+        o.write(g / (1.0 + exp(-g)) * u);
     }
 }
 
@@ -199,7 +205,7 @@ fn lane_sum(row: &[f32], f: impl Fn(f32) -> f32) -> f32 {
 }
 
 dispatch_simd! {
-    fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) => swiglu_row;
+    fn swiglu(gate: &[f32], up: &[f32], out: &mut [MaybeUninit<f32>]) => swiglu_row;
     fn bias_gelu_erf(row: &mut [f32], bias: &[f32]) => bias_gelu_erf_row;
     fn bias_gelu_tanh(row: &mut [f32], bias: &[f32]) => bias_gelu_tanh_row;
     fn residual_layer_norm(
