@@ -245,7 +245,7 @@ impl EncoderLayer {
         let qkv_parts = [("query", hidden), ("key", hidden), ("value", hidden)];
         let qkv_biases = qkv_parts
             .iter()
-            .map(|&(name, size)| Ok(Param::bias(&own.pp(name), size)?.tensor))
+            .map(|&(name, size)| own.pp(name).get_with_hints(size, "bias", Init::Const(0.0)))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let qkv_bias = Param::new(Tensor::cat(&qkv_biases, 0)?)?;
         let eps = shape.layer_norm_eps;

@@ -258,7 +258,7 @@ pub fn merge(workers: &[WorkerInfo]) -> Vec<ServedModel> {
             model
         })
         .collect();
-    add_queued(&mut models, &[]);
+    sort_default_first(&mut models);
     models
 }
 
@@ -282,6 +282,11 @@ fn add_queued(models: &mut Vec<ServedModel>, taken: &[TakenJobs]) {
             first_seen: 0,
         });
     }
+    sort_default_first(models);
+}
+
+/// The order `GET /v1/models` lists: the default model first, then by id.
+fn sort_default_first(models: &mut [ServedModel]) {
     models.sort_by(|a, b| b.default.cmp(&a.default).then_with(|| a.id.cmp(&b.id)));
 }
 
