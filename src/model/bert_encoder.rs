@@ -23,7 +23,7 @@ use candle_nn::{Init, VarBuilder};
 use serde::Deserialize;
 
 use super::attention::{per_sequence_attention, AttentionMask};
-use super::cpu_kernels::{BiasActivation, PackedSelfAttention, ResidualLayerNorm};
+use super::cpu_kernels::{self, BiasActivation, PackedSelfAttention, ResidualLayerNorm};
 use super::layers::{fused_linear, linear, Linear};
 use super::packed::PackedBatch;
 
@@ -123,7 +123,7 @@ pub enum Kernels {
 
 impl Kernels {
     fn for_tensor(xs: &Tensor) -> Self {
-        if xs.device().is_cpu() && xs.dtype() == DType::F32 {
+        if cpu_kernels::run_on(xs) {
             Kernels::CpuFused
         } else {
             Kernels::Candle

@@ -17,7 +17,7 @@ use candle_nn::{Init, VarBuilder};
 
 use super::attention::{per_sequence_attention, AttentionMask};
 use super::config::ModelConfig;
-use super::cpu_kernels::{MatMul, PackedSelfAttention, ResidualMatMul, RotaryRows, SwiGlu};
+use super::cpu_kernels::{self, MatMul, PackedSelfAttention, ResidualMatMul, RotaryRows, SwiGlu};
 use super::packed::PackedBatch;
 use super::rope::RotaryTables;
 
@@ -88,7 +88,7 @@ pub struct Linear {
 impl Module for Linear {
     /// `xs`: (tokens, in) -> (tokens, out), one 2-D gemm.
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        if runs_cpu_kernels(xs) && xs.is_contiguous() {
+        if cpu_kernels::run_on(xs) && xs.is_contiguous() {
             xs.apply_op2_no_bwd(&self.weight_t, &MatMul)
         } else {
             xs.matmul(&self.weight_t)
@@ -99,18 +99,13 @@ impl Module for Linear {
 impl Linear {
     /// `residual + xs · Wᵀ`: on the CPU in f32 one gemm that adds into a copy of the residual.
     pub fn forward_residual(&self, xs: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
-        let fused = runs_cpu_kernels(xs) && runs_cpu_kernels(residual);
+        let fused = cpu_kernels::run_on(xs) && cpu_kernels::run_on(residual);
         if fused && xs.is_contiguous() && residual.is_contiguous() {
             residual.apply_op3_no_bwd(xs, &self.weight_t, &ResidualMatMul)
         } else {
             residual + xs.matmul(&self.weight_t)?
         }
     }
-}
-
-/// Whether a step on `xs` takes the fused CPU kernels (`cpu_kernels`, f32 only).
-fn runs_cpu_kernels(xs: &Tensor) -> bool {
-    xs.device().is_cpu() && xs.dtype() == DType::F32
 }
 
 /// Several checkpoint projections of the same input as one: their `W^T` side by side, (in, Σ out).
@@ -284,7 +279,7 @@ impl Mlp {
     pub fn forward(&self, xs: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
         let _enter = self.span.enter();
         let gate_up = self.gate_up_proj.forward(xs)?;
-        let hidden = if runs_cpu_kernels(&gate_up) {
+        let hidden = if cpu_kernels::run_on(&gate_up) {
             gate_up.apply_op1_no_bwd(&SwiGlu)?
         } else {
             let gate = candle_nn::ops::silu(&gate_up.narrow(1, 0, self.intermediate)?)?;
@@ -310,7 +305,7 @@ impl<'a> BatchRotary<'a> {
         xs: &Tensor,
         batch: &PackedBatch,
     ) -> candle_core::Result<Self> {
-        Ok(if runs_cpu_kernels(xs) {
+        Ok(if cpu_kernels::run_on(xs) {
             BatchRotary::CpuRows(&tables.rows)
         } else {
             let (cos, sin) = tables.at(&batch.positions)?;

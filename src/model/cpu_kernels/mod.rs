@@ -98,6 +98,12 @@ fn exp(x: f32) -> f32 {
     e_r * f32::from_bits(biased << 23)
 }
 
+/// Whether the kernels here take a step on `xs`: on the CPU, in f32. Elsewhere (CUDA, half
+/// precision) the models run candle's ops and the unfused per-sequence attention.
+pub fn run_on(xs: &candle_core::Tensor) -> bool {
+    xs.device().is_cpu() && xs.dtype() == candle_core::DType::F32
+}
+
 fn contiguous_f32<'s>(
     storage: &'s CpuStorage,
     layout: &Layout,
